@@ -1,0 +1,175 @@
+"""Resolve a model reference to a local checkpoint folder and load it with its tokenizer and layout.
+
+A reference is the embedded default (``embedded``), a ``.gguf`` file (converted once to a safetensors cache), a
+local folder, or a Hub id (resolved with ``snapshot_download``, so the exact commit is known and recorded).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bakeedit.errors import ModelLoadError
+from bakeedit.models.arch import ModelLayout, spec_for_model_type
+from bakeedit.models.embedded import (
+    EMBEDDED_ALIASES,
+    EMBEDDED_BASE_MODEL,
+    EMBEDDED_LICENSE,
+    embedded_gguf_path,
+    file_sha256,
+    gguf_to_safetensors,
+)
+from bakeedit.recipe import ModelSpec
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from: what provenance and the model card cite."""
+
+    ref: str
+    kind: str  # embedded | gguf | local | hub
+    path: Path
+    revision: str | None = None
+    base_model: str | None = None  # Hub id to cite as base_model, when known
+    license: str | None = None
+    file_hashes: dict[str, str] = field(default_factory=dict)
+
+    def hash_inputs(self) -> dict[str, str]:
+        """sha256 of the config and weight files the model was loaded from (computed once)."""
+        if not self.file_hashes:
+            for f in sorted(self.path.iterdir()):
+                if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name in ("config.json", "SOURCE_GGUF_SHA256")):
+                    self.file_hashes[f.name] = file_sha256(f)
+        return self.file_hashes
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any | None
+    layout: ModelLayout
+    source: ModelSource
+    dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_source(spec: ModelSpec) -> ModelSource:
+    """Turn ``spec.id`` into a local folder, converting or downloading as needed."""
+    ref = spec.id
+    if ref in EMBEDDED_ALIASES:
+        gguf = embedded_gguf_path()
+        return ModelSource(
+            ref=ref, kind="embedded", path=gguf_to_safetensors(gguf),
+            base_model=EMBEDDED_BASE_MODEL, license=EMBEDDED_LICENSE,
+        )
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model.id: no such GGUF file '{ref}'")
+        return ModelSource(ref=ref, kind="gguf", path=gguf_to_safetensors(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(
+                f"model.id: folder '{ref}' has no config.json", hint="point at a transformers checkpoint folder"
+            )
+        return ModelSource(ref=ref, kind="local", path=path.resolve(), revision=spec.revision)
+    if not _HUB_ID.match(ref):
+        raise ModelLoadError(
+            f"model.id: unknown model '{ref}': not a local folder, a .gguf file, the embedded default or a Hub id",
+            hint="use 'embedded' for the built-in SmolLM2-135M-Instruct, a path, or 'org/name'",
+        )
+    return _from_hub(ref, spec.revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
+    from huggingface_hub import model_info, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = Path(
+            snapshot_download(
+                repo_id, revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja", "*.md"],
+            )
+        )
+    except RepositoryNotFoundError as exc:
+        raise ModelLoadError(f"model.id: no Hub repository '{repo_id}' (or no access to it)") from exc
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        raise ModelLoadError(
+            f"model.id: could not fetch '{repo_id}' from the Hub and it is not in the local cache",
+            hint="check the id and your network, or download it once and run with HF_HUB_OFFLINE=1",
+        ) from exc
+    license_ = None
+    try:
+        license_ = (model_info(repo_id, revision=revision).card_data or {}).get("license")
+    except Exception:  # offline: the license stays unknown, the card says so
+        pass
+    return ModelSource(
+        ref=repo_id, kind="hub", path=folder, revision=folder.name, base_model=repo_id, license=license_
+    )
+
+
+def resolve_dtype(name: str, config: Any, device: str) -> torch.dtype:
+    """``auto`` is float32 on CPU (bf16 is 7x slower there, see ENVIRONMENT.md), else the checkpoint's dtype."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device == "cpu":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device: '{name}' requested but no CUDA device is available")
+    return name
+
+
+def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> LoadedModel:
+    """Load the model, its tokenizer (if the folder has one) and its :class:`ModelLayout`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = ModelSpec(id=spec) if isinstance(spec, str) else spec
+    source = source or resolve_source(spec)
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.id: cannot read the config of '{spec.id}': {exc}") from exc
+    model_type = (getattr(config, "text_config", None) or config).model_type
+    spec_for_model_type(model_type)  # fail before loading gigabytes
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, config, device)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
+    if spec.device_map:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError as exc:
+            raise ModelLoadError(
+                "model.device_map needs accelerate", hint="pip install 'bakeedit[multigpu]'"
+            ) from exc
+        kwargs["device_map"] = spec.device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model.id: cannot load '{spec.id}': {exc}") from exc
+    if not spec.device_map:
+        model.to(device)
+    model.eval()
+    tokenizer = None
+    if any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=ModelLayout.for_model(model), source=source, dtype=dtype)
