@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Tests never reach a hub; tests of the Hub client point HF_ENDPOINT at local servers and lift this themselves.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from tiny_models import ARCHS, save_tiny_checkpoint, tiny_model, tiny_tokenizer  # noqa: E402
+from tiny_models import ARCHS, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("BAKEEDIT_SHARED_DATA", REPO.parent / "shared" / "data"))

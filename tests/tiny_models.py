@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    GemmaConfig,
     Gemma2Config,
     Gemma3TextConfig,
+    GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,

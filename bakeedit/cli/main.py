@@ -38,3 +38,7 @@ def main(ctx: click.Context, debug: bool) -> None:
     """Find the neurons of a causal LM that govern social bias, edit them, and bake the edit into a checkpoint."""
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    # transformers' own tqdm bars would interleave with ours; rich shows progress instead.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

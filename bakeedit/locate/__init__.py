@@ -4,6 +4,13 @@ A method is a module of this package registered with :func:`register`; it declar
 (validated from the recipe's ``locate:`` block, so a typo names the field) and a ``run`` function.
 """
 
-from bakeedit.locate.registry import LocateContext, LocateMethod, available_methods, get_method, register, run_locate
+from bakeedit.locate.registry import (
+    LocateContext,
+    LocateMethod,
+    available_methods,
+    get_method,
+    register,
+    run_locate,
+)
 
 __all__ = ["LocateContext", "LocateMethod", "available_methods", "get_method", "register", "run_locate"]

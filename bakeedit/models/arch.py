@@ -194,10 +194,13 @@ class ModelLayout:
     _channel_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> ModelLayout:
-        config = model.config
+    def for_config(cls, config) -> ModelLayout:
         model_type = (getattr(config, "text_config", None) or config).model_type
         return cls(spec=spec_for_model_type(model_type), dims=_dims(config), model_type=model_type)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> ModelLayout:
+        return cls.for_config(model.config)
 
     @property
     def n_layers(self) -> int:

@@ -6,6 +6,7 @@ local folder, or a Hub id (resolved with ``snapshot_download``, so the exact com
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where the inputs go (the first parameter's device; with a device_map, the embedding's)."""
         return next(self.model.parameters()).device
 
 
@@ -111,10 +113,8 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
             hint="check the id and your network, or download it once and run with HF_HUB_OFFLINE=1",
         ) from exc
     license_ = None
-    try:
+    with contextlib.suppress(Exception):  # offline: the license stays unknown, the card says so
         license_ = (model_info(repo_id, revision=revision).card_data or {}).get("license")
-    except Exception:  # offline: the license stays unknown, the card says so
-        pass
     return ModelSource(
         ref=repo_id, kind="hub", path=folder, revision=folder.name, base_model=repo_id, license=license_
     )
@@ -172,4 +172,5 @@ def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> Load
     tokenizer = None
     if any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-    return LoadedModel(model=model, tokenizer=tokenizer, layout=ModelLayout.for_model(model), source=source, dtype=dtype)
+    layout = ModelLayout.for_model(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, dtype=dtype)

@@ -1,0 +1,87 @@
+"""``bakeedit inspect OUT``: what was edited, where, by how much, and whether it verified."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from bakeedit.cli.main import console
+from bakeedit.export.provenance import read_provenance
+from bakeedit.models.arch import SITES, ModelLayout
+
+
+def _layout(folder: Path) -> ModelLayout:
+    from transformers import AutoConfig
+
+    return ModelLayout.for_config(AutoConfig.from_pretrained(folder))
+
+
+@click.command("inspect")
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--neurons", "list_neurons", is_flag=True, help="List every edited neuron.")
+def inspect_command(folder: Path, list_neurons: bool) -> None:
+    """Show the edit recorded in a bakeedit output folder."""
+    prov = read_provenance(folder)
+    layout = _layout(folder)
+    ns = prov.neurons
+    console.print(
+        f"[bold]{prov.recipe.data.get('name', folder.name)}[/]: {prov.plan.n_neurons} neurons from "
+        f"[bold]{ns.method}[/] on {prov.base_model.hub_id or prov.base_model.ref}"
+        f"{' @ ' + prov.base_model.revision if prov.base_model.revision else ''}; edit {prov.edit_form}, "
+        f"{prov.dtype}; bakeedit {prov.bakeedit_version}, {prov.created_at}"
+    )
+    if ns.params:
+        console.print("method parameters: " + ", ".join(f"{k}={v}" for k, v in ns.params.items()))
+
+    per_site: dict[str, dict] = defaultdict(lambda: {"n": 0, "layers": set(), "lambdas": set()})
+    for group in prov.plan.groups:
+        cell = per_site[group.site]
+        cell["n"] += len(group.indices)
+        cell["layers"].add(group.layer)
+        cell["lambdas"].update(group.lambdas)
+    table = Table(title="per site", title_justify="left")
+    for col in ("site", "neurons", "layers", "lambdas", "share of site"):
+        table.add_column(col)
+    for site in SITES:
+        if site in per_site:
+            cell = per_site[site]
+            total = layout.site_size(site) * layout.n_layers
+            layers = sorted(cell["layers"])
+            table.add_row(site, str(cell["n"]), f"{len(layers)} ({layers[0]}-{layers[-1]})",
+                          ", ".join(f"{x:g}" for x in sorted(cell["lambdas"])), f"{cell['n'] / total:.3%}")
+    console.print(table)
+
+    layer_table = Table(title="per layer", title_justify="left")
+    sites = [s for s in SITES if s in per_site]
+    layer_table.add_column("layer")
+    for site in sites:
+        layer_table.add_column(site, justify="right")
+    counts = {(g.layer, g.site): len(g.indices) for g in prov.plan.groups}
+    for layer in sorted({g.layer for g in prov.plan.groups}):
+        layer_table.add_row(str(layer), *(str(counts.get((layer, s), "")) for s in sites))
+    console.print(layer_table)
+
+    if any(s in per_site for s in ("attn.k", "attn.v")) and layout.dims.n_kv_heads != layout.dims.n_heads:
+        group = layout.dims.n_heads // layout.dims.n_kv_heads
+        console.print(f"[yellow]note[/]: grouped-query attention; each attn.k/attn.v channel is shared by "
+                      f"{group} query heads, and its edit touches all of them")
+
+    ver = prov.verification
+    console.print(
+        f"verification: {'[green]passed[/]' if ver.passed else '[red]FAILED[/]'} max |delta logit| "
+        f"{ver.max_abs_logit_delta:.2e} <= {ver.tolerance:.1e} over {ver.n_tokens} tokens ({ver.dtype})"
+    )
+    if list_neurons:
+        detail = Table(title="neurons", title_justify="left")
+        for col in ("layer", "site", "index", "channel", "lambda", "score"):
+            detail.add_column(col)
+        scores = {n.address: n.score for n in ns.neurons}
+        for group in prov.plan.groups:
+            for index, lam in zip(group.indices, group.lambdas, strict=True):
+                score = scores.get((group.layer, group.site, index))
+                detail.add_row(str(group.layer), group.site, str(index), layout.describe_channel(group.site, index),
+                               f"{lam:g}", "" if score is None else f"{score:.4g}")
+        console.print(detail)

@@ -1,0 +1,28 @@
+"""``bakeedit verify OUT``: re-check a written folder against its base model with the edit hooked in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from bakeedit.cli.main import console
+from bakeedit.errors import VerificationError
+from bakeedit.pipeline import verify_output
+
+
+@click.command("verify")
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--base", default=None, help="Base model reference, if it moved since apply (folder, Hub id...).")
+@click.option("--tolerance", type=float, default=None, help="Override the dtype's default tolerance.")
+def verify_command(folder: Path, base: str | None, tolerance: float | None) -> None:
+    """Check file hashes, then compare the checkpoint's logits with the runtime-hooked base model."""
+    with console.status("verifying…"):
+        result = verify_output(folder, base=base, tolerance=tolerance)
+    line = (
+        f"max |delta logit| {result.max_abs_logit_delta:.2e} (tolerance {result.tolerance:.1e}, "
+        f"{result.dtype}, {result.n_tokens} tokens)"
+    )
+    if not result.passed:
+        raise VerificationError(f"verification failed: {line}")
+    console.print(f"[green]verified[/]: file hashes match; {line}")

@@ -1,0 +1,1 @@
+"""Export: atomic output folders, checkpoint saving, verification, provenance (``bakeedit.json``)."""

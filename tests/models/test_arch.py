@@ -1,0 +1,110 @@
+"""The site table: each site of each architecture maps to the weight rows/columns written here by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bakeedit.errors import UnsupportedArchitecture
+from bakeedit.models.arch import SITES, ModelLayout, supported_model_types
+
+from tiny_models import tiny_model
+
+# Tiny models: hidden 32, 4 query heads over 2 kv heads (head_dim 8), FFN 48. GPT-2/NeoX have no GQA.
+# (arch, site, index) -> (parameter name in block 1, feature axis of the weight, expected channel)
+EXPECTED = [
+    ("llama", "attn.q", 9, "self_attn.q_proj.weight", 0, 9),
+    ("llama", "attn.v", 15, "self_attn.v_proj.weight", 0, 15),
+    ("llama", "attn.o_in", 20, "self_attn.o_proj.weight", 1, 20),
+    ("llama", "mlp.gate", 40, "mlp.gate_proj.weight", 0, 40),
+    ("llama", "mlp.act", 40, "mlp.down_proj.weight", 1, 40),
+    ("phi3", "attn.q", 9, "self_attn.qkv_proj.weight", 0, 9),
+    ("phi3", "attn.k", 3, "self_attn.qkv_proj.weight", 0, 32 + 3),
+    ("phi3", "attn.v", 3, "self_attn.qkv_proj.weight", 0, 32 + 16 + 3),
+    ("phi3", "mlp.gate", 5, "mlp.gate_up_proj.weight", 0, 5),
+    ("phi3", "mlp.up", 5, "mlp.gate_up_proj.weight", 0, 48 + 5),
+    ("gpt2", "attn.q", 9, "attn.c_attn.weight", 1, 9),  # Conv1D: [in, out], output channels are columns
+    ("gpt2", "attn.k", 9, "attn.c_attn.weight", 1, 32 + 9),
+    ("gpt2", "attn.v", 9, "attn.c_attn.weight", 1, 64 + 9),
+    ("gpt2", "attn.o_in", 9, "attn.c_proj.weight", 0, 9),  # input channels are rows
+    ("gpt2", "mlp.up", 9, "mlp.c_fc.weight", 1, 9),
+    ("gpt2", "mlp.act", 9, "mlp.c_proj.weight", 0, 9),
+    # NeoX: query_key_value output is [head0: q(8) k(8) v(8) | head1: ...]; q index 9 = head 1 dim 1.
+    ("gpt_neox", "attn.q", 9, "attention.query_key_value.weight", 0, 24 + 1),
+    ("gpt_neox", "attn.k", 9, "attention.query_key_value.weight", 0, 24 + 8 + 1),
+    ("gpt_neox", "attn.v", 17, "attention.query_key_value.weight", 0, 48 + 16 + 1),
+    ("gpt_neox", "mlp.act", 7, "mlp.dense_4h_to_h.weight", 1, 7),
+]
+
+
+@pytest.mark.parametrize(("arch_name", "site", "index", "param", "axis", "channel"), EXPECTED)
+def test_fold_touches_exactly_the_expected_weight_slice(arch_name, site, index, param, axis, channel):
+    from bakeedit.edit import build_plan, fold_plan
+    from bakeedit.neurons import Neuron
+    from bakeedit.recipe import EditSpec
+
+    model = tiny_model(arch_name)
+    layout = ModelLayout.for_model(model)
+    block = layout.blocks(model)[1]
+    before = {n: p.detach().clone() for n, p in block.named_parameters()}
+    plan = build_plan([Neuron(layer=1, site=site, index=index)], EditSpec.model_validate({"lambda": 3.0}), layout)
+    fold_plan(model, layout, plan)
+    after = dict(block.named_parameters())
+    for name, old in before.items():
+        new = after[name].detach()
+        if name == param:
+            changed = (new != old).nonzero()[:, axis].unique().tolist()
+            assert changed == [channel], f"{name}: changed {changed}, expected [{channel}]"
+            sl = [slice(None)] * old.dim()
+            sl[axis] = channel
+            torch.testing.assert_close(new[tuple(sl)], 3.0 * old[tuple(sl)])
+        elif name == param.replace(".weight", ".bias") and axis == (1 if arch_name == "gpt2" else 0):
+            assert (new != old).nonzero().flatten().tolist() == [channel]  # output-channel bias scaled too
+        else:
+            assert torch.equal(new, old), f"{name} changed but should not"
+
+
+def test_qwen2_qkv_bias_is_scaled_with_the_row():
+    from bakeedit.edit import build_plan, fold_plan
+    from bakeedit.neurons import Neuron
+    from bakeedit.recipe import EditSpec
+
+    model = tiny_model("qwen2")
+    layout = ModelLayout.for_model(model)
+    v = layout.module(model, 2, "attn.v")
+    bias = v.bias.detach().clone()
+    plan = build_plan([Neuron(layer=2, site="attn.v", index=4)], EditSpec.model_validate({"lambda": 0.5}), layout)
+    fold_plan(model, layout, plan)
+    assert v.bias[4].item() == pytest.approx(0.5 * bias[4].item())
+    assert torch.equal(v.bias[torch.arange(16) != 4], bias[torch.arange(16) != 4])
+
+
+def test_sizes_follow_gqa():
+    layout = ModelLayout.for_model(tiny_model("llama"))
+    assert layout.site_size("attn.q") == 32
+    assert layout.site_size("attn.k") == layout.site_size("attn.v") == 16
+    assert layout.site_size("mlp.act") == 48
+    assert "shared by query heads 2-3" in layout.describe_channel("attn.v", 9)
+
+
+def test_every_site_of_llama_family_is_supported():
+    assert ModelLayout.for_model(tiny_model("mistral")).sites == SITES
+
+
+def test_gpt2_has_no_gate_site_and_says_what_it_has():
+    layout = ModelLayout.for_model(tiny_model("gpt2"))
+    with pytest.raises(UnsupportedArchitecture, match="does not exist in gpt2") as info:
+        layout.site_size("mlp.gate")
+    assert "mlp.act" in info.value.hint
+
+
+def test_unsupported_architecture_lists_supported_ones():
+    from transformers import BertConfig, BertLMHeadModel
+
+    model = BertLMHeadModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=16, vocab_size=50, is_decoder=True))
+    with pytest.raises(UnsupportedArchitecture, match="unsupported architecture 'bert'") as info:
+        ModelLayout.for_model(model)
+    for name in ("llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma3_text"):
+        assert name in info.value.hint
+    assert set(supported_model_types()) >= {"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3"}
