@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from bakeedit.cli.main import console
+from bakeedit.cli.progress import command_progress
 from bakeedit.pipeline import apply_recipe
 from bakeedit.recipe import load_recipe
 
@@ -19,10 +20,8 @@ from bakeedit.recipe import load_recipe
 def apply_command(recipe: Path, out: Path, overwrite: bool) -> None:
     """Locate (or read) neurons, fold the edit, save, verify, and write the evidence to OUT."""
     lr = load_recipe(recipe)
-    with console.status("starting") as status:
-        result = apply_recipe(
-            lr, out, overwrite=overwrite, report=lambda step: status.update(f"[bold]{step}[/]…")
-        )
+    with command_progress() as (progress, report):
+        result = apply_recipe(lr, out, overwrite=overwrite, report=report, progress=progress)
     prov = result.provenance
     ver = prov.verification
     table = Table(title=f"bakeedit apply: {lr.recipe.name}", show_header=False, title_justify="left")
