@@ -14,6 +14,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -41,3 +42,15 @@ def command_progress(first_step: str = "starting") -> Iterator[tuple[Progress, C
             progress.update(step, description=description)
 
         yield progress, report
+
+
+def bar_reporter(progress: Progress) -> Callable[[str, int, int], None]:
+    """A ``(description, done, total)`` callback (what evaluations report) that keeps one bar per description."""
+    bars: dict[str, TaskID] = {}
+
+    def report(description: str, done: int, total: int) -> None:
+        if description not in bars:
+            bars[description] = progress.add_task(description, total=total)
+        progress.update(bars[description], completed=done, total=total)
+
+    return report
