@@ -3,7 +3,14 @@
 Every check that can fail without loading the model (recipe schema, output folder, neuron file) runs first. The
 base model is loaded once: reference logits are taken with the edit applied by hooks, then the same weights are
 folded in place and saved into a staged folder, which is reloaded with plain ``from_pretrained`` and compared. Only a
-verified folder is renamed into place.
+verified folder is renamed into place. A plan with nonlinear or position-scoped parts folds only its linear part and
+saves the rest as a custom module (``export/custom_module.py``); that folder is reloaded with
+``trust_remote_code=True``, exactly as its users will load it. ``edit.fit`` first chooses the edit's parameters on
+the locate split (``edit/fit.py``).
+
+With an ``evaluate:`` block, the base model and a random-neuron control are scored before the fold (both on the
+unedited weights, the control through hooks) and the edited model after verification, on the reloaded checkpoint;
+the report goes to ``eval/`` and the model card (``README.md``) is written last, from everything in the folder.
 """
 
 from __future__ import annotations
@@ -16,8 +23,13 @@ from pathlib import Path
 
 import torch
 
+from bakeedit.apply_eval import evaluate_before_fold, evaluate_edited, merge_runs, write_evaluation
 from bakeedit.edit import EditPlan, build_plan, fold_plan, runtime_edit
+from bakeedit.edit.fit import FitReport, fit_edit
+from bakeedit.edit.stream import stream_for_apply
 from bakeedit.errors import RecipeError, VerificationError
+from bakeedit.export.card import write_card
+from bakeedit.export.custom_module import is_custom_module, write_custom_module
 from bakeedit.export.provenance import (
     BaseModelInfo,
     Provenance,
@@ -41,9 +53,11 @@ from bakeedit.neurons import NeuronSet
 from bakeedit.recipe import LoadedRecipe
 
 NEURONS_FILE = "neurons.json"
+DEFAULT_MAX_SHARD_SIZE = "2GB"
 RECIPE_FILE = "recipe.yaml"
 
 Reporter = Callable[[str], None]
+Bars = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -67,7 +81,7 @@ def resolve_neurons(lr: LoadedRecipe, loaded: LoadedModel, progress=None) -> Neu
     if recipe.neurons is not None:
         return NeuronSet(
             method="explicit",
-            params={"recipe": str(lr.path)},
+            params={"recipe": lr.path.name},  # a name, not a local path: the card is public
             model_id=loaded.source.base_model or loaded.source.ref,
             model_revision=loaded.source.revision,
             neurons=recipe.neurons,
@@ -83,21 +97,29 @@ def resolve_neurons(lr: LoadedRecipe, loaded: LoadedModel, progress=None) -> Neu
 
 
 def verify_against_runtime(
-    reference: torch.Tensor, folder: Path, loaded: LoadedModel, tolerance: float | None, prompts, inputs
+    reference: torch.Tensor, folder: Path, loaded: LoadedModel, tolerance: float | None, prompts, inputs,
+    stored_dtype: torch.dtype | None = None,
 ) -> tuple[VerificationResult, torch.nn.Module]:
     """Reload ``folder`` with plain transformers and compare its probe logits with ``reference``.
 
-    Returns the reloaded model too: it is the checkpoint as users will load it, so evaluations use it.
+    ``stored_dtype`` is the dtype the edited weights were rounded to (a streamed bf16 bake stays bf16 even when the
+    model runs in float32): the default tolerance is that dtype's. Returns the reloaded model too: it is the
+    checkpoint as users will load it, so evaluations use it.
     """
     from transformers import AutoModelForCausalLM
 
     device = loaded.device
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=loaded.dtype).to(device).eval()
+    custom = is_custom_module(folder)  # bakeedit wrote its code, and verify_output checked its hash first
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=loaded.dtype, trust_remote_code=custom)
+    reloaded = reloaded.to(device).eval()
     candidate = probe_logits(reloaded, inputs)
     result = compare_logits(
-        reference, candidate, loaded.dtype, tolerance, int(inputs["input_ids"].shape[0]),
+        reference, candidate, stored_dtype or loaded.dtype, tolerance, int(inputs["input_ids"].shape[0]),
         prompts_digest(prompts, loaded.tokenizer),
     )
+    if custom:
+        result.compared = ("saved checkpoint (from_pretrained with trust_remote_code=True) vs base model with the "
+                           "edit applied by hooks")
     return result, reloaded
 
 
@@ -107,8 +129,17 @@ def apply_recipe(
     overwrite: bool = False,
     report: Reporter = lambda _step: None,
     progress=None,
+    bars: Bars | None = None,
+    evaluate: bool = True,
+    in_memory: bool = False,
 ) -> ApplyResult:
-    """Run a recipe end to end and write the verified checkpoint to ``out``."""
+    """Run a recipe end to end and write the verified checkpoint, its evaluation and its card to ``out``.
+
+    ``evaluate=False`` skips the recipe's ``evaluate:`` block (a quick bake; ``bakeedit eval`` can add it later).
+    ``bars(description, done, total)`` receives the evaluations' progress. A linear plan is streamed into the
+    checkpoint tensor by tensor from the base shards (``edit/stream.py``, byte-identical to the in-memory fold);
+    ``in_memory=True`` folds the loaded model and saves it instead.
+    """
     recipe = lr.recipe
     out = check_output(out, overwrite)
     timings: dict[str, float] = {}
@@ -117,7 +148,11 @@ def apply_recipe(
         loaded = load_model(recipe.model)
     with _timed(timings, "locate neurons" if recipe.locate else "read neurons", report):
         neuron_set = resolve_neurons(lr, loaded, progress)
-    plan: EditPlan = build_plan(neuron_set.neurons, recipe.edit, loaded.layout, source="neurons")
+    edit, fit = recipe.edit, None
+    if edit.fit is not None:
+        with _timed(timings, "fit edit parameters", report):
+            edit, fit = fit_edit(edit, neuron_set.neurons, loaded, lr.resolve(edit.fit.data) if edit.fit.data else None)
+    plan: EditPlan = build_plan(neuron_set.neurons, edit, loaded.layout, source="neurons")
     if plan.n_neurons == 0:
         raise RecipeError(f"{lr.path}: the neuron set is empty; nothing to edit")
 
@@ -128,16 +163,32 @@ def apply_recipe(
     ):
         reference = probe_logits(loaded.model, inputs)
 
+    eval_spec = recipe.evaluate if evaluate and recipe.evaluate and recipe.evaluate.tasks else None
+    before = control = None
+    if eval_spec is not None:
+        with _timed(timings, "evaluate base and random control", report):
+            before, control = evaluate_before_fold(loaded, neuron_set, edit, eval_spec, bars)
+
     with staged_output(out, overwrite) as tmp:
         with _timed(timings, "fold edit into weights", report):
-            folded = fold_plan(loaded.model, loaded.layout, plan)
-        with _timed(timings, "save checkpoint", report):
-            save_checkpoint(
-                loaded.model, loaded.tokenizer, tmp, recipe.export.max_shard_size, base_folder=loaded.source.path
-            )
+            reshard = recipe.export.max_shard_size is not None  # a new shard layout: save_pretrained writes it
+            streamed = stream_for_apply(loaded, plan, tmp, dtype=recipe.model.dtype, in_memory=in_memory or reshard,
+                                        trust_remote_code=recipe.model.trust_remote_code, report=report)
+            if streamed is None:
+                folded = fold_plan(loaded.model, loaded.layout, plan)
+        if streamed is None:
+            with _timed(timings, "save checkpoint", report):
+                save_checkpoint(
+                    loaded.model, loaded.tokenizer, tmp, recipe.export.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                    base_folder=loaded.source.path,
+                )
+                module = write_custom_module(tmp, loaded.model, loaded.layout, plan) if plan.module_groups else None
+            stored_dtype = loaded.dtype
+        else:  # streamed tensor by tensor from the base shards: same layout, the stored dtype kept
+            folded, module, stored_dtype = streamed.folded, None, streamed.stored_dtype
         with _timed(timings, "verify (reload + compare)", report):
             verification, reloaded = verify_against_runtime(
-                reference, tmp, loaded, recipe.verify.tolerance, prompts, inputs
+                reference, tmp, loaded, recipe.verify.tolerance, prompts, inputs, stored_dtype
             )
         loaded.model = reloaded  # from here on, the model is the checkpoint exactly as users will load it
         if not verification.passed:
@@ -148,6 +199,11 @@ def apply_recipe(
             )
         neuron_set.save(tmp / NEURONS_FILE)
         (tmp / RECIPE_FILE).write_text(lr.text)
+        evaluation = None
+        if eval_spec is not None and before is not None:
+            with _timed(timings, "evaluate edited checkpoint", report):
+                after = evaluate_edited(reloaded, loaded.tokenizer, plan.n_neurons, neuron_set.method, eval_spec, bars)
+                evaluation = write_evaluation(tmp, merge_runs(before, after), control)
         provenance = Provenance(
             recipe=RecipeInfo(
                 path=str(lr.path), sha256=lr.sha256, text=lr.text,
@@ -160,14 +216,25 @@ def apply_recipe(
             ),
             neurons=neuron_set,
             plan=plan,
+            edit_form=plan.edit_form,
             folded_tensors=[f.name for f in folded],
-            dtype=str(loaded.dtype).removeprefix("torch."),
+            custom_module=module,
+            fit=_fit_record(fit),
+            dtype=str(stored_dtype).removeprefix("torch."),
+            baked_by="stream" if streamed is not None else "in-memory",
             verification=verification,
             files_sha256=hash_written_files(tmp),
             timings_s=timings,
+            evaluation=evaluation,
         )
         write_provenance(tmp, provenance)
+        with _timed(timings, "write model card", report):
+            write_card(tmp, local_name=out.name)
     return ApplyResult(out=out, provenance=provenance, timings_s=timings)
+
+
+def _fit_record(fit: FitReport | None) -> dict | None:
+    return None if fit is None else fit.model_dump(mode="json")
 
 
 def verify_output(folder: Path, base: str | None = None, tolerance: float | None = None) -> VerificationResult:

@@ -42,12 +42,69 @@ def _finite(value: float, what: str = "lambda") -> float:
     return value
 
 
-class LambdaOverride(_Strict):
-    """A lambda for the neurons of some sites and/or layers; later overrides win over earlier ones."""
+EditType = Literal["scale", "nonlinear"]
+MapName = Literal["tanh_gain", "sigmoid_gain", "power"]
+Positions = Literal["all", "last"]
+#: A map parameter: one value for every neuron of the rule, or a list with one value per neuron (in list order).
+ParamValue = float | list[float]
+
+
+def _finite_params(params: dict[str, ParamValue] | None) -> dict[str, ParamValue] | None:
+    for name, value in (params or {}).items():
+        for v in value if isinstance(value, list) else [value]:
+            _finite(v, f"params.{name}")
+        if isinstance(value, list) and not value:
+            raise ValueError(f"params.{name}: an empty list; give a number or one value per neuron")
+    return params
+
+
+def _check_map_params(map_name: str | None, params: dict[str, ParamValue] | None, type_: str | None) -> None:
+    """Parameter names and ranges of a response map (the table lives in ``bakeedit/edit/nonlinear.py``)."""
+    if type_ == "nonlinear" and map_name is None:
+        raise ValueError("type nonlinear needs a 'map': one of tanh_gain, sigmoid_gain, power")
+    if type_ == "scale" and params:
+        raise ValueError("'params' belong to a nonlinear map; a linear scale takes 'lambda'")
+    if map_name is not None and params:
+        from bakeedit.edit.nonlinear import check_params  # lazy: bakeedit.edit imports this module
+
+        for name, value in params.items():
+            for v in value if isinstance(value, list) else [value]:
+                check_params(map_name, {name: v})
+
+
+class EditRule(BaseModel):
+    """One complete edit for a neuron: what an :class:`EditSpec` resolves to after overrides are applied.
+
+    ``type: scale`` is ``a <- lambda * a``; ``type: nonlinear`` is the response ``map`` with ``params``
+    (``bakeedit/edit/nonlinear.py``). ``positions``: ``all`` positions from token index ``start`` on, or only the
+    ``last`` position of each forward call (when its index is at least ``start``).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    type: EditType
+    lambda_: float
+    map: MapName | None
+    params: dict[str, ParamValue]
+    positions: Positions
+    start: int
+
+
+class EditOverride(_Strict):
+    """A different edit for the neurons of some sites and/or layers; later overrides win over earlier ones.
+
+    Fields left out are inherited from the recipe's ``edit``, except ``type``: giving a ``map`` means
+    ``nonlinear``, giving only a ``lambda`` means ``scale``. ``params`` are inherited only with the same map.
+    """
 
     sites: list[str] | None = None
     layers: list[int] | None = None
-    lambda_: float = Field(alias="lambda")
+    type: EditType | None = None
+    lambda_: float | None = Field(default=None, alias="lambda")
+    map: MapName | None = None
+    params: dict[str, ParamValue] | None = None
+    positions: Positions | None = None
+    start: int | None = Field(default=None, ge=0)
 
     @field_validator("sites")
     @classmethod
@@ -59,8 +116,21 @@ class LambdaOverride(_Strict):
 
     @field_validator("lambda_")
     @classmethod
-    def _lambda_finite(cls, value: float) -> float:
-        return _finite(value)
+    def _lambda_finite(cls, value: float | None) -> float | None:
+        return None if value is None else _finite(value)
+
+    @field_validator("params")
+    @classmethod
+    def _params_finite(cls, params: dict[str, ParamValue] | None) -> dict[str, ParamValue] | None:
+        return _finite_params(params)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> EditOverride:
+        given = [k for k in ("type", "lambda_", "map", "params", "positions", "start") if getattr(self, k) is not None]
+        if not given:
+            raise ValueError("an override must set at least one of lambda, type, map, params, positions, start")
+        _check_map_params(self.map, self.params, self.type)
+        return self
 
     def matches(self, neuron: Neuron) -> bool:
         return (self.sites is None or neuron.site in self.sites) and (
@@ -68,26 +138,118 @@ class LambdaOverride(_Strict):
         )
 
 
-class EditSpec(_Strict):
-    """A linear scaling ``a <- lambda * a`` of every listed neuron (0 masks, > 1 enhances)."""
+class FitSpec(_Strict):
+    """Choose the edit's parameters on the locate split (``bakeedit/edit/fit.py``, docs/nonlinear.md).
 
-    type: Literal["scale"] = "scale"
+    Every point of ``grid`` (the product of the listed values) is applied with runtime hooks; the point with the
+    lowest contrast score wins among those whose capability loss (increase in mean token NLL, nats) stays within
+    ``budget``. With ``require_reduction`` (the default) a winner that does not lower the contrast score below the
+    unedited model's is an error, not a checkpoint.
+    """
+
+    grid: dict[str, list[float]]
+    budget: float = Field(default=0.05, ge=0)
+    data: str | None = None
+    split: str = "locate"
+    categories: list[str] | None = None
+    max_items: int | None = Field(default=8, gt=0)
+    require_reduction: bool = True
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_values(cls, grid: dict[str, list[float]]) -> dict[str, list[float]]:
+        if not grid:
+            raise ValueError("grid: name at least one parameter and its candidate values")
+        for name, values in grid.items():
+            if not values:
+                raise ValueError(f"grid.{name}: give at least one candidate value")
+            for v in values:
+                _finite(v, f"grid.{name}")
+        return grid
+
+
+class EditSpec(_Strict):
+    """The edit of every listed neuron: a linear scaling ``a <- lambda * a`` (0 masks, > 1 enhances) by default,
+    or a nonlinear response map; at all positions or only the last one. Linear all-position edits are folded into
+    the weights; the rest is saved as a small custom module (docs/nonlinear.md)."""
+
+    type: EditType = "scale"
     lambda_: float = Field(default=2.0, alias="lambda")
-    overrides: list[LambdaOverride] = Field(default_factory=list)
+    map: MapName | None = None
+    params: dict[str, ParamValue] = Field(default_factory=dict)
+    positions: Positions = "all"
+    start: int = Field(default=0, ge=0)
+    overrides: list[EditOverride] = Field(default_factory=list)
+    fit: FitSpec | None = None
 
     @field_validator("lambda_")
     @classmethod
     def _lambda_finite(cls, value: float) -> float:
         return _finite(value)
 
-    def lambda_for(self, neuron: Neuron) -> float:
-        """The neuron's own lambda, else the last matching override, else the recipe's lambda."""
-        if neuron.lambda_ is not None:
-            return neuron.lambda_
-        for override in reversed(self.overrides):
-            if override.matches(neuron):
-                return override.lambda_
-        return self.lambda_
+    @field_validator("params")
+    @classmethod
+    def _params_finite(cls, params: dict[str, ParamValue]) -> dict[str, ParamValue]:
+        return _finite_params(params) or {}
+
+    @model_validator(mode="after")
+    def _map_and_params(self) -> EditSpec:
+        if self.type == "scale" and self.map is not None:
+            raise ValueError(f"map '{self.map}' needs type: nonlinear (type is scale)")
+        _check_map_params(self.map, self.params, self.type)
+        for i, override in enumerate(self.overrides):
+            rule = self._merge(override)
+            if rule.type == "nonlinear" and rule.map is None:
+                raise ValueError(f"overrides.{i}: type nonlinear needs a 'map' (the edit has none to inherit)")
+            if override.params is not None and rule.type != "nonlinear":
+                raise ValueError(f"overrides.{i}: 'params' belong to a nonlinear map; give a 'map' or a 'lambda'")
+            try:
+                _check_map_params(rule.map, rule.params, rule.type)
+            except ValueError as exc:
+                raise ValueError(f"overrides.{i}: {exc}") from exc
+        if self.fit is not None:
+            allowed = ["lambda"] if self.type == "scale" else list(_map_param_names(self.map))
+            unknown = sorted(set(self.fit.grid) - set(allowed))
+            if unknown:
+                raise ValueError(f"fit.grid: {', '.join(unknown)} is not a parameter of the edit "
+                                 f"(allowed: {', '.join(allowed)})")
+        return self
+
+    @property
+    def rule(self) -> EditRule:
+        """The edit of neurons that no override matches."""
+        return EditRule(type=self.type, lambda_=self.lambda_, map=self.map, params=self.params,
+                        positions=self.positions, start=self.start)
+
+    def _merge(self, override: EditOverride) -> EditRule:
+        type_ = override.type or (
+            "nonlinear" if override.map is not None else "scale" if override.lambda_ is not None else self.type
+        )
+        map_name = (override.map or self.map) if type_ == "nonlinear" else None
+        inherited = self.params if map_name == self.map else {}
+        params = override.params if override.params is not None else inherited
+        return EditRule(
+            type=type_,
+            lambda_=self.lambda_ if override.lambda_ is None else override.lambda_,
+            map=map_name,
+            params=params if type_ == "nonlinear" else {},
+            positions=override.positions or self.positions,
+            start=self.start if override.start is None else override.start,
+        )
+
+    def rule_for(self, neuron: Neuron) -> tuple[int | None, EditRule]:
+        """``(index of the last matching override or None, the resolved rule)``; a neuron's own lambda is applied
+        by the plan builder on top (it makes the neuron a linear scale)."""
+        for i in reversed(range(len(self.overrides))):
+            if self.overrides[i].matches(neuron):
+                return i, self._merge(self.overrides[i])
+        return None, self.rule
+
+
+def _map_param_names(map_name: str | None) -> tuple[str, ...]:
+    from bakeedit.edit.nonlinear import MAPS  # lazy: bakeedit.edit imports this module
+
+    return MAPS[map_name].params if map_name in MAPS else ()
 
 
 class LocateSpec(BaseModel):
@@ -110,7 +272,10 @@ class VerifySpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    max_shard_size: str = "2GB"
+    """How the checkpoint is written. A streamed bake keeps the base's shard layout; setting ``max_shard_size``
+    asks for a re-sharded checkpoint, which the in-memory path writes."""
+
+    max_shard_size: str | None = None  # None: the base's shards when streaming, "2GB" in memory
 
 
 class EvaluateSpec(_Strict):

@@ -6,6 +6,8 @@ index mix-up between sites shows up as an out-of-range error or a logit mismatch
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -55,7 +57,7 @@ ARCHS = tuple(CONFIGS)
 def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny random model of ``arch`` in eval mode; biases (Qwen2 q/k/v, GPT-2, NeoX) are made non-zero."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(CONFIGS[arch])
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(CONFIGS[arch]))  # .to(dtype) would change the shared config
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):

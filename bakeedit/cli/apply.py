@@ -8,7 +8,8 @@ import click
 from rich.table import Table
 
 from bakeedit.cli.main import console
-from bakeedit.cli.progress import command_progress
+from bakeedit.cli.progress import bar_reporter, command_progress
+from bakeedit.export.hub import PushError, push_folder
 from bakeedit.pipeline import apply_recipe
 from bakeedit.recipe import load_recipe
 
@@ -17,26 +18,70 @@ from bakeedit.recipe import load_recipe
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True, help="Output folder.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def apply_command(recipe: Path, out: Path, overwrite: bool) -> None:
-    """Locate (or read) neurons, fold the edit, save, verify, and write the evidence to OUT."""
+@click.option("--no-eval", "no_eval", is_flag=True, help="Skip the recipe's evaluate: block (`bakeedit eval` later).")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Score a seeded sample of N items per task instead of the recipe's evaluate.limit.")
+@click.option("--in-memory", "in_memory", is_flag=True,
+              help="Fold the loaded model and save it, instead of streaming the edit through the base shards.")
+@click.option("--push", "push_repo", default=None, metavar="REPO_ID",
+              help="After a successful apply, push OUT to this Hub repository (as `bakeedit push OUT REPO_ID`).")
+@click.option("--private", is_flag=True, help="With --push: create the repository as private.")
+def apply_command(recipe: Path, out: Path, overwrite: bool, no_eval: bool, eval_limit: int | None, in_memory: bool,
+                  push_repo: str | None, private: bool) -> None:
+    """Locate (or read) neurons, fold the edit, save, verify, evaluate, and write the evidence and card to OUT.
+
+    Nothing is pushed unless every step, verification included, succeeded.
+    """
+    if private and not push_repo:
+        raise click.UsageError("--private only applies with --push REPO_ID")
+    if push_repo:
+        validate_repo_id_early(push_repo)
     lr = load_recipe(recipe)
+    if eval_limit is not None and lr.recipe.evaluate is not None:  # recorded in bakeedit.json as what was run
+        lr.recipe.evaluate = lr.recipe.evaluate.model_copy(update={"limit": eval_limit})
     with command_progress() as (progress, report):
-        result = apply_recipe(lr, out, overwrite=overwrite, report=report, progress=progress)
+        result = apply_recipe(lr, out, overwrite=overwrite, report=report, progress=progress,
+                              bars=bar_reporter(progress), evaluate=not no_eval, in_memory=in_memory)
     prov = result.provenance
     ver = prov.verification
     table = Table(title=f"bakeedit apply: {lr.recipe.name}", show_header=False, title_justify="left")
     table.add_row("base model", f"{prov.base_model.hub_id or prov.base_model.ref} ({prov.base_model.kind})")
-    table.add_row("neurons", f"{prov.plan.n_neurons} ({prov.neurons.method}); lambdas {prov.plan.lambdas_used()}")
+    table.add_row("neurons", f"{prov.plan.n_neurons} ({prov.neurons.method})")
+    table.add_row("edit", "; ".join(prov.plan.describe()))
     table.add_row("verification", f"{'passed' if ver.passed else 'FAILED'}: max |delta logit| "
                   f"{ver.max_abs_logit_delta:.2e} <= {ver.tolerance:.1e} ({ver.dtype}, {ver.n_tokens} tokens)")
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items()))
+    if prov.evaluation:
+        table.add_row("evaluation", f"{', '.join(prov.evaluation['labels'])} on {', '.join(prov.evaluation['tasks'])}"
+                      f": {result.out / prov.evaluation['report']}")
     table.add_row("checkpoint", str(result.out))
+    trust = ", trust_remote_code=True" if prov.custom_module else ""  # a custom module: docs/nonlinear.md
+    if prov.custom_module:
+        table.add_row("custom module", f"{prov.custom_module.module_file} ({prov.custom_module.module_lines} lines, "
+                      f"sha256 {prov.custom_module.module_sha256[:16]}…): read it before trusting it")
     console.print(table)
     console.print(
         "load it with:\n"
         "  from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"  model = AutoModelForCausalLM.from_pretrained({str(result.out)!r})\n"
-        f"  tokenizer = AutoTokenizer.from_pretrained({str(result.out)!r})",
+        f"  model = AutoModelForCausalLM.from_pretrained({str(result.out)!r}{trust})\n"
+        f"  tokenizer = AutoTokenizer.from_pretrained({str(result.out)!r}{trust})",
         highlight=False,
     )
     click.echo(str(result.out))
+    if push_repo:
+        pushed = push_folder(result.out, push_repo, private=private,
+                             report=lambda step: console.print(f"[dim]{step}…[/]"))
+        console.print(f"[green]pushed[/] {len(pushed.plan.files)} files to {pushed.repo_id} ({pushed.revision})")
+        click.echo(pushed.commit_url)
+
+
+def validate_repo_id_early(repo_id: str) -> None:
+    """Refuse a malformed --push target before minutes of work, not after."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise PushError(f"--push: '{repo_id}' is not a valid repository id ({exc})",
+                        hint="use 'namespace/name'") from None

@@ -9,20 +9,41 @@ import click
 from rich.table import Table
 
 from bakeedit.cli.main import console
+from bakeedit.export.card import HEATMAP_FILE
 from bakeedit.export.provenance import read_provenance
+from bakeedit.locate.heatmap import rich_heatmap, save_heatmap_png
 from bakeedit.models.arch import SITES, ModelLayout
 
 
 def _layout(folder: Path) -> ModelLayout:
-    from transformers import AutoConfig
+    from bakeedit.export.custom_module import read_base_config  # a custom-module config, read without its code
 
-    return ModelLayout.for_config(AutoConfig.from_pretrained(folder))
+    return ModelLayout.for_config(read_base_config(folder))
+
+
+def _print_module_groups(prov) -> None:
+    """The nonlinear / position-scoped part of the edit, carried by the checkpoint's custom module."""
+    table = Table(title="custom module (not folded)", title_justify="left")
+    for col in ("layer", "site", "neurons", "map", "parameters", "positions"):
+        table.add_column(col)
+    for g in prov.plan.module_groups:
+        params = ", ".join(f"{k}={min(v):g}" + (f"..{max(v):g}" if max(v) != min(v) else "")
+                           for k, v in g.params.items())
+        table.add_row(str(g.layer), g.site, str(len(g.indices)), g.map, params,
+                      g.positions + (f" from token {g.start}" if g.start else ""))
+    console.print(table)
+    info = prov.custom_module
+    if info is not None:
+        console.print(f"{info.module_file}: {info.module_lines} lines, sha256 {info.module_sha256}; "
+                      f"loads with trust_remote_code=True (model_type {info.model_type})")
 
 
 @click.command("inspect")
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--neurons", "list_neurons", is_flag=True, help="List every edited neuron.")
-def inspect_command(folder: Path, list_neurons: bool) -> None:
+@click.option("--png", "png", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also draw the layer x site heat map as a PNG at this path (the folder itself is not touched).")
+def inspect_command(folder: Path, list_neurons: bool, png: Path | None) -> None:
     """Show the edit recorded in a bakeedit output folder."""
     prov = read_provenance(folder)
     layout = _layout(folder)
@@ -54,15 +75,19 @@ def inspect_command(folder: Path, list_neurons: bool) -> None:
                           ", ".join(f"{x:g}" for x in sorted(cell["lambdas"])), f"{cell['n'] / total:.3%}")
     console.print(table)
 
-    layer_table = Table(title="per layer", title_justify="left")
-    sites = [s for s in SITES if s in per_site]
-    layer_table.add_column("layer")
-    for site in sites:
-        layer_table.add_column(site, justify="right")
-    counts = {(g.layer, g.site): len(g.indices) for g in prov.plan.groups}
-    for layer in sorted({g.layer for g in prov.plan.groups}):
-        layer_table.add_row(str(layer), *(str(counts.get((layer, s), "")) for s in sites))
-    console.print(layer_table)
+    # The heat map counts the folder's NeuronSet, so the neurons of a custom-module (nonlinear or position-scoped)
+    # edit appear in it too, not only the folded groups.
+    heat_sites = [s for s in SITES if s in {n.site for n in ns.neurons}]
+    title = f"per layer x site: {len(ns.neurons)} {ns.method} neurons"
+    console.print(rich_heatmap(ns, layout.n_layers, heat_sites, title=title))
+    if png is not None:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        console.print(f"heat map: {save_heatmap_png(ns, layout.n_layers, heat_sites, png, title=title)}")
+    elif (folder / HEATMAP_FILE).is_file():
+        console.print(f"heat map: {folder / HEATMAP_FILE}")
+
+    if prov.plan.module_groups:
+        _print_module_groups(prov)
 
     if any(s in per_site for s in ("attn.k", "attn.v")) and layout.dims.n_kv_heads != layout.dims.n_heads:
         group = layout.dims.n_heads // layout.dims.n_kv_heads

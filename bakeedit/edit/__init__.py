@@ -2,6 +2,6 @@
 
 from bakeedit.edit.fold import fold_plan
 from bakeedit.edit.hooks import runtime_edit
-from bakeedit.edit.plan import EditPlan, ScaleGroup, build_plan
+from bakeedit.edit.plan import EditPlan, ResponseGroup, ScaleGroup, build_plan
 
-__all__ = ["EditPlan", "ScaleGroup", "build_plan", "fold_plan", "runtime_edit"]
+__all__ = ["EditPlan", "ResponseGroup", "ScaleGroup", "build_plan", "fold_plan", "runtime_edit"]

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from bakeedit.edit.hooks import scale_vector
-from bakeedit.edit.plan import EditPlan
-from bakeedit.errors import EditError
+from bakeedit.edit.plan import EditPlan, ScaleGroup
+from bakeedit.errors import EditError, UnsupportedArchitecture
 from bakeedit.models.arch import ModelLayout
 
 
@@ -28,12 +28,55 @@ class FoldedTensor:
     n_channels: int
 
 
-def _feature_axis(module: nn.Module, site_axis: str) -> int:
-    """The weight dimension that indexes the site's channels."""
-    conv1d = type(module).__name__ == "Conv1D"
-    if site_axis == "out":
-        return 1 if conv1d else 0
-    return 0 if conv1d else 1
+@dataclass(frozen=True)
+class FoldTarget:
+    """A tensor one :class:`ScaleGroup` scales: its state-dict name and the dimension indexing the site's channels.
+
+    Shared by the in-memory fold and the streaming fold (``edit/stream.py``), which has no module to look at:
+    everything here comes from the :class:`ModelLayout` (config + ArchSpec) alone.
+    """
+
+    name: str
+    axis: int
+
+
+def feature_axis(layout: ModelLayout, site: str) -> int:
+    """The weight dimension that indexes the site's channels (``[in, out]`` Conv1D weights swap rows and columns)."""
+    transposed = layout.spec.transposed_weights
+    if layout.site_map(site).axis == "out":
+        return 1 if transposed else 0
+    return 0 if transposed else 1
+
+
+def fold_targets(layout: ModelLayout, group: ScaleGroup, has_bias: bool) -> list[FoldTarget]:
+    """The weight (and, for an output-channel site whose module has one, the bias) that ``group`` scales."""
+    module_name = layout.module_name(group.layer, group.site)
+    targets = [FoldTarget(f"{module_name}.weight", feature_axis(layout, group.site))]
+    if layout.site_map(group.site).axis == "out" and has_bias:
+        targets.append(FoldTarget(f"{module_name}.bias", 0))
+    return targets
+
+
+def channel_factors(layout: ModelLayout, group: ScaleGroup, width: int) -> torch.Tensor:
+    """A float32 vector over a tensor's feature axis of length ``width``: the group's lambdas at its physical
+    channels (fused tensors hold other sites' channels too), 1 everywhere else."""
+    channels = layout.channels(group.site, group.indices)
+    factors = scale_vector(group, layout.site_size(group.site))[torch.tensor(group.indices)]
+    full = torch.ones(width, dtype=torch.float32)
+    full[channels] = factors
+    return full
+
+
+def scaled(tensor: torch.Tensor, axis: int, full: torch.Tensor) -> torch.Tensor:
+    """``tensor * full`` broadcast along ``axis``, computed in float32 and cast back to ``tensor.dtype``.
+
+    The one place the fold's arithmetic lives: the streaming fold calls it on row blocks of a tensor, the in-memory
+    fold on the whole tensor; the product is elementwise, so both give the same bytes.
+    """
+    shape = [1] * tensor.dim()
+    shape[axis] = -1
+    work = tensor.to(torch.float32, copy=True)  # a copy even for float32 input, so the product can be in place
+    return work.mul_(full.to(tensor.device).view(shape)).to(tensor.dtype)
 
 
 def _shared_parameter_names(model: nn.Module) -> dict[int, list[str]]:
@@ -43,15 +86,6 @@ def _shared_parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _scale_along(tensor: torch.Tensor, axis: int, channels: torch.Tensor, factors: torch.Tensor) -> None:
-    """``tensor[..channels..] *= factors`` along ``axis``, computed in float32, written back in place."""
-    shape = [1] * tensor.dim()
-    shape[axis] = -1
-    full = torch.ones(tensor.shape[axis], dtype=torch.float32, device=tensor.device)
-    full[channels.to(tensor.device)] = factors.to(tensor.device)
-    tensor.copy_((tensor.float() * full.view(shape)).to(tensor.dtype))
-
-
 @torch.no_grad()
 def fold_plan(model: nn.Module, layout: ModelLayout, plan: EditPlan) -> list[FoldedTensor]:
     """Bake ``plan`` into ``model``'s weights in place; returns what was changed, for provenance."""
@@ -59,23 +93,21 @@ def fold_plan(model: nn.Module, layout: ModelLayout, plan: EditPlan) -> list[Fol
     folded: list[FoldedTensor] = []
     for group in plan.groups:
         module = layout.module(model, group.layer, group.site)
-        smap = layout.site_map(group.site)
-        channels = layout.channels(group.site, group.indices)
-        factors = scale_vector(group, layout.site_size(group.site))[torch.tensor(group.indices)]
-        axis = _feature_axis(module, smap.axis)
-        module_name = layout.module_name(group.layer, group.site)
-        targets = [("weight", axis)]
-        if smap.axis == "out" and getattr(module, "bias", None) is not None:
-            targets.append(("bias", 0))
-        for attr, dim in targets:
-            tensor = getattr(module, attr)
+        if (type(module).__name__ == "Conv1D") != layout.spec.transposed_weights:
+            raise UnsupportedArchitecture(
+                f"{layout.module_name(group.layer, group.site)} is a {type(module).__name__}, which the "
+                f"{layout.spec.name} ArchSpec does not expect (transposed_weights={layout.spec.transposed_weights})"
+            )
+        for target in fold_targets(layout, group, getattr(module, "bias", None) is not None):
+            tensor = getattr(module, target.name.rsplit(".", 1)[1])
             aliases = shared.get(tensor.data_ptr(), [])
             if len(aliases) > 1:
                 raise EditError(
-                    f"{module_name}.{attr} shares its storage with {', '.join(a for a in aliases[1:])}; "
+                    f"{target.name} shares its storage with {', '.join(a for a in aliases[1:])}; "
                     "folding into it would edit the other tensor too",
                     hint="untie the weights first, or edit a different site",
                 )
-            _scale_along(tensor.data, dim, channels, factors)
-            folded.append(FoldedTensor(f"{module_name}.{attr}", dim, len(group.indices)))
+            full = channel_factors(layout, group, tensor.shape[target.axis])
+            tensor.data.copy_(scaled(tensor.data, target.axis, full))
+            folded.append(FoldedTensor(target.name, target.axis, len(group.indices)))
     return folded

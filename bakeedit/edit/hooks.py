@@ -1,16 +1,20 @@
 """The runtime form of an :class:`EditPlan`: hooks on the unmodified model (peft's wrapper, before ``merge``).
 
-Used to check a fold (baked weights must reproduce the hooked model) and by evaluations of a plan without saving.
+Used to check a fold or a custom module (the saved checkpoint must reproduce the hooked model) and by evaluations
+of a plan without saving. Linear groups scale their channels; module groups apply their response map at their
+positions (``edit/nonlinear.py``), with the position count kept by a pre-hook on the base model.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from bakeedit.edit.nonlinear import PositionTracker, response_fn
 from bakeedit.edit.plan import EditPlan, ScaleGroup
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.hookpoints import SiteFn, site_hooks
@@ -35,11 +39,34 @@ def _scaler(scale: torch.Tensor) -> SiteFn:
     return apply
 
 
+def _chain(fns: list[SiteFn]) -> SiteFn:
+    """Several edits of one site, applied in turn (their channels are disjoint, so the order does not matter)."""
+    if len(fns) == 1:
+        return fns[0]
+
+    def apply(act: torch.Tensor) -> torch.Tensor | None:
+        out = act
+        for fn in fns:
+            new = fn(out)
+            out = out if new is None else new
+        return None if out is act else out
+
+    return apply
+
+
 @contextmanager
 def runtime_edit(model: nn.Module, layout: ModelLayout, plan: EditPlan) -> Iterator[None]:
     """Apply ``plan`` with hooks for the duration of a ``with`` block; the weights are not touched."""
-    fns = {
-        (g.layer, g.site): _scaler(scale_vector(g, layout.site_size(g.site))) for g in plan.groups
-    }
-    with site_hooks(model, layout, fns):
-        yield
+    per_site: dict[tuple[int, str], list[SiteFn]] = defaultdict(list)
+    for g in plan.groups:
+        per_site[(g.layer, g.site)].append(_scaler(scale_vector(g, layout.site_size(g.site))))
+    tracker = PositionTracker()
+    for r in plan.module_groups:
+        per_site[(r.layer, r.site)].append(response_fn(r.map, r.indices, r.params, r.positions, r.start, tracker))
+    handle = tracker.attach(model) if plan.module_groups else None
+    try:
+        with site_hooks(model, layout, {address: _chain(fns) for address, fns in per_site.items()}):
+            yield
+    finally:
+        if handle is not None:
+            handle.remove()

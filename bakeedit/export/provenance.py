@@ -1,7 +1,8 @@
 """``bakeedit.json``: the evidence that ships with every edited checkpoint.
 
 It holds the recipe (text and validated data), the neuron set, the edit plan, the base model's id, revision and
-input hashes, the sha256 of every weight/config file written, the bakeedit version and the verification result.
+input hashes, the sha256 of every weight/config/code file written, the bakeedit version and the verification result;
+for an edit saved as a custom module, the module's file, hash and size (``custom_module``), and the parameter fit.
 ``bakeedit verify`` and ``bakeedit push`` re-check the file hashes against it.
 """
 
@@ -22,7 +23,7 @@ from bakeedit.models.embedded import file_sha256
 from bakeedit.neurons import NeuronSet
 
 PROVENANCE_FILE = "bakeedit.json"
-HASHED_SUFFIXES = (".safetensors", ".json")
+HASHED_SUFFIXES = (".safetensors", ".json", ".py")
 UNHASHED = {PROVENANCE_FILE}
 
 
@@ -42,6 +43,20 @@ class RecipeInfo(BaseModel):
     data: dict[str, Any]
 
 
+class CustomModuleInfo(BaseModel):
+    """The code a custom-module checkpoint asks its users to trust (``export/custom_module.py``)."""
+
+    module_file: str
+    module_sha256: str
+    module_lines: int
+    edit_file: str
+    edit_sha256: str
+    model_type: str
+    base_model_type: str
+    base_class: str
+    n_groups: int
+
+
 class Provenance(BaseModel):
     format_version: int = 1
     bakeedit_version: str = __version__
@@ -52,6 +67,9 @@ class Provenance(BaseModel):
     plan: EditPlan
     edit_form: str = "folded"  # folded | custom_module | mixed
     folded_tensors: list[str] = Field(default_factory=list)
+    baked_by: str = "in-memory"  # in-memory (fold the loaded model, save_pretrained) | stream (edit/stream.py)
+    custom_module: CustomModuleInfo | None = None
+    fit: dict[str, Any] | None = None
     dtype: str
     verification: VerificationResult
     files_sha256: dict[str, str] = Field(default_factory=dict)

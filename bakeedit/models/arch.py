@@ -53,6 +53,9 @@ class ArchSpec:
     blocks: str
     sites: dict[str, SiteMap]
     notes: str = ""
+    #: Projection weights stored ``[in, out]`` (GPT-2's ``Conv1D``) instead of ``nn.Linear``'s ``[out, in]``. Known
+    #: from the architecture, so that a checkpoint can be edited tensor by tensor without building the model.
+    transposed_weights: bool = False
 
 
 def _llama_like(name: str, model_types: tuple[str, ...], notes: str = "") -> ArchSpec:
@@ -107,6 +110,7 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             "mlp.act": SiteMap("mlp.c_proj", "in", "ffn"),
         },
         notes="Conv1D weights are stored [in, out]; c_attn = [q | k | v]; no gated MLP, so no mlp.gate",
+        transposed_weights=True,
     ),
     ArchSpec(
         name="gpt_neox",

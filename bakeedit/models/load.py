@@ -139,14 +139,32 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def _custom_module_config(path: Path, spec: ModelSpec):
+    """For a bakeedit custom-module checkpoint (a nonlinear edit, docs/nonlinear.md): its base architecture's config,
+    which gives the layout (the module adds hooks, not parameters); ``None`` for any other folder.
+
+    Its ``modeling_bakeedit.py`` runs when the model loads, so, as in transformers, only with trust_remote_code."""
+    from bakeedit.export.custom_module import is_custom_module, read_base_config
+
+    if not is_custom_module(path):
+        return None
+    if not spec.trust_remote_code:
+        raise ModelLoadError(
+            f"model.id: '{spec.id}' is a bakeedit custom-module checkpoint: loading it runs its modeling_bakeedit.py",
+            hint="read that file, then pass --trust-remote-code (or model.trust_remote_code: true in a recipe)",
+        )
+    return read_base_config(path)
+
+
 def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> LoadedModel:
     """Load the model, its tokenizer (if the folder has one) and its :class:`ModelLayout`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     spec = ModelSpec(id=spec) if isinstance(spec, str) else spec
     source = source or resolve_source(spec)
+    custom = _custom_module_config(source.path, spec)
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=spec.trust_remote_code)
+        config = custom or AutoConfig.from_pretrained(source.path, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"model.id: cannot read the config of '{spec.id}': {exc}") from exc
     model_type = (getattr(config, "text_config", None) or config).model_type
@@ -172,5 +190,5 @@ def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> Load
     tokenizer = None
     if any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         tokenizer = AutoTokenizer.from_pretrained(source.path)
-    layout = ModelLayout.for_model(model)
+    layout = ModelLayout.for_config(config) if custom is not None else ModelLayout.for_model(model)
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, dtype=dtype)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
@@ -188,3 +189,20 @@ def test_verify_fails_when_weights_do_not_reproduce_the_edit(tmp_path, tiny_chec
     result = run("verify", str(out))
     assert result.exit_code == 1
     assert "verification failed: max |delta logit|" in result.stderr
+
+
+def test_apply_streams_linear_edits_and_matches_the_in_memory_fold(tmp_path, tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    path = recipe(tmp_path, str(tiny_checkpoint("qwen2")))
+    streamed, in_memory = tmp_path / "streamed", tmp_path / "in-memory"
+    assert run("apply", str(path), "-o", str(streamed)).exit_code == 0
+    assert run("apply", str(path), "-o", str(in_memory), "--in-memory").exit_code == 0
+    assert json.loads((streamed / "bakeedit.json").read_text())["baked_by"] == "stream"
+    assert json.loads((in_memory / "bakeedit.json").read_text())["baked_by"] == "in-memory"
+    a, b = load_file(streamed / "model.safetensors"), load_file(in_memory / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].view(-1).view(torch.uint8).equal(
+            b[name].view(-1).view(torch.uint8)), name
+    assert run("verify", str(streamed)).exit_code == 0

@@ -1,0 +1,23 @@
+"""``bakeedit card OUT``: regenerate the model card (README.md) of a baked folder from its evidence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from bakeedit.cli.main import console
+from bakeedit.export.card import write_card
+
+
+@click.command("card")
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--repo-id", default=None, help="Hub id the folder will be published under (fills the load snippet).")
+def card_command(folder: Path, repo_id: str | None) -> None:
+    """Rewrite FOLDER/README.md from bakeedit.json, eval/results.json and the files (atomic write).
+
+    The card is not among the hashed files, so regenerating it keeps `bakeedit verify` passing.
+    """
+    path = write_card(folder, repo_id=repo_id)
+    console.print(f"[green]card written[/]: {path}")
+    click.echo(str(path))

@@ -1,0 +1,155 @@
+"""``bakeedit eval MODEL --tasks ... [--baseline BASE] [--control neurons-random.json] -o OUT``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bakeedit import parallel
+from bakeedit.cli.main import console
+from bakeedit.errors import BakeeditError, OutputExistsError, RecipeError
+from bakeedit.evaluate.report import RESULTS_FILE, fmt, ordered_labels, primary_metric, write_results
+from bakeedit.evaluate.runner import EvalRun, ModelRef, evaluate_models, with_runtime_edit
+from bakeedit.evaluate.tasks.base import DATA_DIR_ENV
+
+
+def _load(ref: str, device_map: str | None = None, trust_remote_code: bool = False) -> Any:
+    from bakeedit.models import load_model
+    from bakeedit.recipe import ModelSpec
+
+    return load_model(ModelSpec(id=ref, device_map=device_map, trust_remote_code=trust_remote_code))
+
+
+def _control_plan(neurons_file: Path, base: Any, model_ref: str, control_lambda: float | None) -> tuple[Any, str]:
+    """The control's EditPlan on ``base`` and a description; the lambda comes from ``--control-lambda`` or from the
+    recipe recorded in MODEL's bakeedit.json, so the control gets the same edit as the edited model."""
+    from bakeedit.edit import build_plan
+    from bakeedit.neurons import NeuronSet
+    from bakeedit.recipe import EditSpec
+
+    neuron_set = NeuronSet.load(neurons_file)
+    if control_lambda is not None:
+        edit = EditSpec.model_validate({"lambda": control_lambda})
+    else:
+        prov = _provenance(model_ref)
+        if prov is None or "edit" not in prov.recipe.data:
+            raise RecipeError(
+                "--control: no lambda for the control edit",
+                hint="pass --control-lambda, or point MODEL at a bakeedit apply folder (its recipe gives the edit)",
+            )
+        edit = EditSpec.model_validate(prov.recipe.data["edit"])
+    plan = build_plan(neuron_set.neurons, edit, base.layout, source=str(neurons_file))
+    return plan, (f"baseline + runtime edit of {plan.n_neurons} {neuron_set.method} neurons from {neurons_file} "
+                  f"({'; '.join(plan.describe())})")
+
+
+def _provenance(model_ref: str) -> Any:
+    from bakeedit.export.provenance import PROVENANCE_FILE, read_provenance
+
+    folder = Path(model_ref)
+    return read_provenance(folder) if (folder / PROVENANCE_FILE).is_file() else None
+
+
+def _output_folder(out: Path | None, model: str, overwrite: bool) -> Path:
+    if out is None:
+        if not Path(model).is_dir():
+            raise RecipeError("-o/--out is required when MODEL is not a local folder")
+        out = Path(model) / "eval"
+    if (out / RESULTS_FILE).exists() and not overwrite:
+        raise OutputExistsError(f"{out} already holds {RESULTS_FILE}")
+    return out
+
+
+def _summary(run: EvalRun) -> Table:
+    labels = ordered_labels(run.results)
+    table = Table(title="bakeedit eval (headline metric per task)", title_justify="left")
+    for col in ("task", "metric", *labels):
+        table.add_column(col)
+    by_task: dict[str, dict[str, Any]] = {}
+    for label in labels:
+        for r in run.results[label]:
+            by_task.setdefault(r.task, {})[label] = r
+    for task, by_label in by_task.items():
+        metric = primary_metric(next(iter(by_label.values())))
+        cells = []
+        for label in labels:
+            m = by_label[label].metrics.get(metric) if label in by_label else None
+            cells.append(fmt(m.value, m.stderr) if m else "—")
+        table.add_row(task, metric, *cells)
+    return table
+
+
+@click.command("eval")
+@click.argument("model")
+@click.option("--tasks", default="bias", show_default=True,
+              help="Comma-separated task names, or a group: bias, capability, all.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Score a seeded sample of N items per task.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --limit sample.")
+@click.option("--data-dir", type=click.Path(path_type=Path), envvar=DATA_DIR_ENV, default=None,
+              help=f"Folder of the benchmark data sets [default: ${DATA_DIR_ENV}].")
+@click.option("--baseline", default=None, help="Base model to compare with (labelled 'base').")
+@click.option("--control", "control", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="neurons.json of a control set (e.g. random), applied to the baseline with runtime hooks.")
+@click.option("--control-lambda", type=float, default=None,
+              help="Lambda of the control edit [default: the edit of MODEL's bakeedit.json recipe].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Output folder for results.json, report.md, plots/ [default: MODEL/eval for a folder].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing results.json in OUT.")
+@click.option("--device-map", default=None, help="accelerate device map, e.g. 'auto': spread a model too large for "
+              "one device over the GPUs (and CPU).")
+@click.option("--trust-remote-code", is_flag=True,
+              help="Allow MODEL's own modeling code to run (a nonlinear-edit checkpoint; read its .py file first).")
+def eval_command(model: str, tasks: str, limit: int | None, seed: int, data_dir: Path | None, baseline: str | None,
+                 control: Path | None, control_lambda: float | None, batch_size: int, out: Path | None,
+                 overwrite: bool, device_map: str | None, trust_remote_code: bool) -> None:
+    """Evaluate MODEL (a folder, 'embedded', a .gguf or a Hub id) on bias and capability tasks.
+
+    With --baseline, the report shows base vs MODEL (labelled 'edited') and their difference; with --control, also
+    the baseline with the control neurons edited at run time.
+    """
+    out = _output_folder(out, model, overwrite)
+    click.get_current_context().with_resource(parallel.distributed())  # torchrun: split the items, rank 0 writes
+    if data_dir is not None and not data_dir.is_dir():
+        raise BakeeditError(f"--data-dir: no such folder '{data_dir}'")
+    if control is not None and baseline is None:
+        prov = _provenance(model)
+        if prov is None:
+            raise RecipeError("--control needs --baseline (the model the control neurons are edited in)")
+        baseline = prov.base_model.ref
+    models: dict[str, ModelRef] = {}
+    descriptions: dict[str, dict[str, Any]] = {}
+    with console.status("loading models"):
+        if baseline is not None:
+            base = _load(baseline, device_map)
+            models["base"] = base
+            descriptions["base"] = {"ref": baseline, "description": f"`{baseline}`"}
+            if control is not None:
+                plan, what = _control_plan(control, base, model, control_lambda)
+                models["control"] = with_runtime_edit(base, plan)
+                descriptions["control"] = {"ref": baseline, "neurons": str(control), "description": what}
+        label = "edited" if baseline is not None else "model"
+        models[label] = _load(model, device_map, trust_remote_code)
+        descriptions[label] = {"ref": model, "description": f"`{model}`"}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bars: dict[str, Any] = {}
+
+        def report(description: str, done: int, total: int) -> None:
+            if description not in bars:
+                bars[description] = progress.add_task(description, total=total)
+            progress.update(bars[description], completed=done, total=total)
+
+        run = evaluate_models(
+            models, tasks, data_dir=data_dir, limit=limit, seed=seed, progress=report, batch_size=batch_size,
+            warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True), descriptions=descriptions,
+        )
+    if not parallel.is_main():
+        return
+    path = write_results(out, run)
+    console.print(_summary(run))
+    click.echo(str(path))

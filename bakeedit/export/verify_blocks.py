@@ -1,0 +1,202 @@
+"""Verification of a baked checkpoint that never loads the whole model: for models larger than memory.
+
+``bakeedit apply`` normally proves a bake by running the whole base model with the edit's hooks and the reloaded
+folder on the same prompts (``export/verify.py``). When the model does not fit in memory, the same question is
+asked piece by piece, in two checks whose memory is one block:
+
+1. **Exact** (every tensor): each tensor the plan edits must equal the fold of the base tensor bit for bit, and
+   every other tensor must have the base's bytes, dtype and shape. Catches a wrong offset, a partial write, a
+   tensor edited by accident. Reads both checkpoints once, in bounded blocks.
+2. **Functional** (every edited layer ``l``): a one-block model built from the config (same block, same
+   ``layer_types`` entry, vocabulary cut to 16 and the LM head replaced by the identity, so the output is the
+   normalised hidden state) is loaded with block ``l`` of the base, in float32, and run on random hidden states
+   three times: with the layer's groups applied by the runtime hooks (the reference); after ``fold_plan`` of the
+   same groups (must match to float32 rounding, 1e-4: the fold computes the edit); and with block ``l`` of the
+   baked folder loaded (must match within the tolerance of the stored dtype, ``export/verify.py``: what the
+   checkpoint will do). With check 1 this chains baked = round(fold(base)) and fold(base) = hooks(base). The
+   inputs are synthetic, not the probe prompts, and no interaction between layers is seen, which a per-layer
+   linear scaling does not have.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bakeedit.edit.fold import fold_plan, scaled
+from bakeedit.edit.hooks import runtime_edit
+from bakeedit.edit.plan import EditPlan
+from bakeedit.edit.stream import load_config, plan_tensor_edits, stored_name
+from bakeedit.errors import VerificationError
+from bakeedit.export.shards import FLOAT_DTYPES, Checkpoint, read_bytes
+from bakeedit.export.verify import VerificationResult, default_tolerance
+from bakeedit.models.arch import ModelLayout
+
+_COMPARED = ("streamed: every tensor bit-exact vs the fold of the base (untouched ones unchanged), and each edited "
+             "block (folded in float32, and as baked) vs the base block with the edit applied by hooks (one-block "
+             "model, random hidden states)")
+_SHAPE = (2, 16)  # batch x positions of the random hidden states
+_CHUNK = 64 << 20
+
+
+@dataclass
+class BlockCheck:
+    """One edited layer: |hooks - fold in float32| (must be float32 rounding) and |hooks - baked block|."""
+
+    layer: int
+    fold_max_abs_delta: float
+    max_abs_delta: float
+    mean_abs_delta: float
+    max_abs_output: float
+
+
+@dataclass
+class StreamedVerification:
+    """Both checks' details; :attr:`result` is what ``bakeedit.json`` records."""
+
+    result: VerificationResult
+    blocks: list[BlockCheck] = field(default_factory=list)
+    tensors_compared: int = 0
+    mismatched: list[str] = field(default_factory=list)
+
+
+def _same_bytes(a: Checkpoint, b: Checkpoint, name: str) -> bool:
+    ea, eb = a.entry(name), b.entry(name)
+    if (ea.dtype, ea.shape, ea.nbytes) != (eb.dtype, eb.shape, eb.nbytes):
+        return False
+    fa, fb = os.open(a.where[name].path, os.O_RDONLY), os.open(b.where[name].path, os.O_RDONLY)
+    try:
+        for off in range(0, ea.nbytes, _CHUNK):
+            n = min(_CHUNK, ea.nbytes - off)
+            if not torch.equal(read_bytes(fa, ea.start + off, n), read_bytes(fb, eb.start + off, n)):
+                return False
+        return True
+    finally:
+        os.close(fa)
+        os.close(fb)
+
+
+def exact_check(base: Checkpoint, baked: Checkpoint, layout: ModelLayout, plan: EditPlan) -> tuple[int, list[str]]:
+    """Check 1 of the module docstring: (tensors compared, names that differ from what the fold must give)."""
+    edits, _ = plan_tensor_edits(base, layout, plan)
+    bad = sorted(set(base.where) ^ set(baked.where))
+    for name in sorted(set(base.where) & set(baked.where)):
+        if name not in edits:
+            if not _same_bytes(base, baked, name):
+                bad.append(name)
+            continue
+        expected = base.read(name)
+        for full in edits[name].factors:
+            expected = scaled(expected, edits[name].axis, full)
+        got = baked.read(name) if baked.entry(name).dtype == base.entry(name).dtype else None
+        if got is None or got.shape != expected.shape or not torch.equal(
+            got.view(torch.uint8), expected.contiguous().view(torch.uint8)
+        ):
+            bad.append(name)
+    return len(base.where), bad
+
+
+def _one_block_model(config, layer: int):
+    """A randomly initialised model with only block ``layer``'s configuration, a 16-token vocabulary and no head."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config.get_text_config())
+    types = getattr(cfg, "layer_types", None)
+    if types:
+        cfg.layer_types = [types[layer]]
+    cfg.num_hidden_layers = 1
+    cfg.vocab_size = 16
+    cfg.pad_token_id = None
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.lm_head = torch.nn.Identity()
+    return model.eval(), ModelLayout.for_config(cfg)
+
+
+def _load_block(model: torch.nn.Module, layout: ModelLayout, ckpt: Checkpoint, layer: int) -> None:
+    """Copy block ``layer`` of ``ckpt`` into block 0 of the one-block ``model``."""
+    prefix = f"{layout.spec.blocks}.0."
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(prefix):
+                wanted = f"{layout.spec.blocks}.{layer}.{name[len(prefix):]}"
+                stored = stored_name(ckpt, wanted, layout)
+                if stored is None:
+                    raise VerificationError(f"{ckpt.folder}: no tensor {wanted}")
+                param.copy_(ckpt.read(stored).to(param.dtype))
+
+
+def _run(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return model(inputs_embeds=hidden, use_cache=False).logits.float()
+
+
+def functional_check(
+    config, base: Checkpoint, baked: Checkpoint, plan: EditPlan, layers: list[int]
+) -> list[BlockCheck]:
+    """Check 2 of the module docstring for each of ``layers`` (one harness per layer type, reloaded per layer)."""
+    checks = []
+    harnesses: dict[str, tuple[torch.nn.Module, ModelLayout]] = {}
+    types = getattr(config.get_text_config(), "layer_types", None)
+    for layer in layers:
+        kind = types[layer] if types else ""
+        if kind not in harnesses:
+            harnesses[kind] = _one_block_model(config, layer)
+        model, layout1 = harnesses[kind]
+        local = EditPlan(groups=[g.model_copy(update={"layer": 0}) for g in plan.groups if g.layer == layer])
+        hidden = torch.randn(*_SHAPE, model.config.hidden_size, generator=torch.Generator().manual_seed(layer))
+        with torch.no_grad():
+            _load_block(model, layout1, base, layer)
+            with runtime_edit(model, layout1, local):
+                reference = _run(model, hidden)
+            fold_plan(model, layout1, local)
+            folded = _run(model, hidden)
+            _load_block(model, layout1, baked, layer)
+            delta = (reference - _run(model, hidden)).abs()
+        checks.append(BlockCheck(layer, float((reference - folded).abs().max()), float(delta.max()),
+                                 float(delta.mean()), float(reference.abs().max())))
+    return checks
+
+
+def verify_blocks(
+    base_folder: Path,
+    baked_folder: Path,
+    plan: EditPlan,
+    *,
+    layers: list[int] | None = None,
+    tolerance: float | None = None,
+    exact: bool = True,
+    trust_remote_code: bool = False,
+) -> StreamedVerification:
+    """Both checks; ``layers`` defaults to every layer the plan edits; ``exact=False`` skips check 1 (which reads
+    both checkpoints in full). The tolerance defaults to that of the edited tensors' stored dtype."""
+    config = load_config(Path(base_folder), trust_remote_code)
+    layout = ModelLayout.for_config(config)
+    base, baked = Checkpoint.open(Path(base_folder)), Checkpoint.open(Path(baked_folder))
+    compared, mismatched = exact_check(base, baked, layout, plan) if exact else (0, [])
+    edits, _ = plan_tensor_edits(base, layout, plan)
+    stored = next((FLOAT_DTYPES[e.entry.dtype] for e in edits.values()), torch.float32)
+    layers = sorted({g.layer for g in plan.groups}) if layers is None else layers
+    blocks = functional_check(config, base, baked, plan, layers)
+    worst = max(blocks, key=lambda b: b.max_abs_delta, default=BlockCheck(-1, 0.0, 0.0, 0.0, 0.0))
+    scale = max((b.max_abs_output for b in blocks), default=0.0)
+    tol = tolerance if tolerance is not None else default_tolerance(stored, scale)
+    fold_ok = all(b.fold_max_abs_delta <= default_tolerance(torch.float32, b.max_abs_output) for b in blocks)
+    digest = hashlib.sha256(repr(("blocks", _SHAPE, layers)).encode()).hexdigest()
+    result = VerificationResult(
+        compared=_COMPARED if exact else _COMPARED.split(", and ", 1)[1],
+        max_abs_logit_delta=worst.max_abs_delta,
+        mean_abs_logit_delta=sum(b.mean_abs_delta for b in blocks) / max(1, len(blocks)),
+        max_abs_logit=scale,
+        tolerance=tol,
+        passed=not mismatched and fold_ok and worst.max_abs_delta <= tol,
+        dtype=str(stored).removeprefix("torch."),
+        n_prompts=len(blocks),
+        n_tokens=len(blocks) * _SHAPE[0] * _SHAPE[1],
+        prompts_sha256=digest,
+    )
+    return StreamedVerification(result=result, blocks=blocks, tensors_compared=compared, mismatched=mismatched)

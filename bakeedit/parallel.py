@@ -1,0 +1,252 @@
+"""Data parallelism for locate and evaluate: split the items over processes, gather the per-item results.
+
+Locate methods and evaluations loop over items (questions, prompt pairs, examples) whose results are independent;
+``torchrun --nproc-per-node N`` (or ``accelerate launch``) starts N copies of the same command, each with ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` in its environment. Inside :func:`distributed`, each process computes its share
+(:func:`shard` / :func:`map_items` for item-at-a-time work, :func:`deal_batches` for batched work) and :func:`gather` /
+:func:`gather_mapping` hand every process all results, in the single-process order, so the reduction that follows
+(means, top-k, thresholds) runs on identical inputs everywhere and gives the same NeuronSet as one process. Only
+rank 0 writes files (:func:`is_main`, :func:`main_first`). Evaluation shards at the scorer
+(:func:`make_scorer`): every log-likelihood or generation request a task makes is split over the ranks, so tasks
+need no change and every rank computes the same metrics.
+
+Same result, bit for bit, needs the same computation per item: batch-1 work is, but a batched forward pass is not
+(a padded batch of other lengths changes float sums at the 1e-6 level). Batched work therefore forms the batches
+exactly as one process would and deals whole batches out (:func:`deal_batches`; :func:`shard_batches` for callers
+that re-batch what they are given), so each batch is computed once, somewhere, with the same companions.
+
+For a model that does not fit one device, ``model.device_map: auto`` (accelerate) spreads the layers over the
+devices of one process instead (the two are alternatives: every rank would spread over all GPUs). How to launch:
+``docs/performance.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+R = TypeVar("R")
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the data-parallel processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_ranks() -> Ranks:
+    """The ranks torchrun / accelerate launch put in the environment (a plain run is rank 0 of 1)."""
+    return Ranks(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def ranks() -> Ranks:
+    """The ranks of the initialised process group; rank 0 of 1 without one (items are then never split)."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size(), env_ranks().local_rank)
+    return Ranks()
+
+
+def rank_device() -> str:
+    """The device this rank should load the model on: its own GPU (``LOCAL_RANK``) when there are GPUs."""
+    return f"cuda:{env_ranks().local_rank}" if torch.cuda.is_available() else "cpu"
+
+
+@contextmanager
+def distributed(backend: str | None = None) -> Iterator[Ranks]:
+    """Join the process group the launcher describes (a no-op in a plain run) and leave it at the end.
+
+    ``backend`` defaults to ``nccl`` with GPUs, else ``gloo``.
+    """
+    env = env_ranks()
+    created = False
+    if env.world_size > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank)
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        created = True
+    try:
+        yield ranks()
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def shard(items: Sequence[T], where: Ranks | None = None) -> list[T]:
+    """This rank's items: every ``world_size``-th, starting at ``rank`` (balanced when costs vary smoothly)."""
+    where = where or ranks()
+    return list(items[where.rank :: where.world_size])
+
+
+def shard_batches(
+    items: Sequence[T], batch_size: int, key: Callable[[T], Any] | None = None, where: Ranks | None = None
+) -> list[T]:
+    """This rank's share of whole batches, the batches being those one process would form.
+
+    One process sorts ``items`` stably by ``key`` (e.g. token length) and cuts a batch every ``batch_size``; batch
+    ``i`` goes to rank ``i % world_size``. The returned items keep the sorted order, so a function that re-sorts
+    by the same key and cuts every ``batch_size`` (as ``locate/responses.record_last_tokens`` does) rebuilds
+    exactly these batches: every batch but the globally last is full, and that one ends the last rank's list.
+    """
+    where = where or ranks()
+    ordered = sorted(items, key=key) if key is not None else list(items)
+    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    return [item for batch in batches[where.rank :: where.world_size] for item in batch]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if ranks().world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather(local: Sequence[R], n_items: int, where: Ranks | None = None) -> list[R]:
+    """Every rank's :func:`shard` results, back in the order of the ``n_items`` items (on every rank)."""
+    where = where or ranks()
+    parts = _all_gather(list(local))
+    merged: list[Any] = [None] * n_items
+    for rank, part in enumerate(parts):
+        merged[rank :: where.world_size] = part
+    return merged
+
+
+def gather_mapping(local: dict[K, R]) -> dict[K, R]:
+    """The union of every rank's ``{item key: result}`` (on every rank); a key computed twice is an error."""
+    merged: dict[K, R] = {}
+    for part in _all_gather(local):
+        overlap = merged.keys() & part.keys()
+        if overlap:
+            raise RuntimeError(f"items computed on two ranks: {sorted(map(str, overlap))[:3]}")
+        merged.update(part)
+    return merged
+
+
+def map_items(fn: Callable[[T], R], items: Sequence[T], on_item: Callable[[], None] | None = None) -> list[R]:
+    """``[fn(x) for x in items]``, each rank doing its :func:`shard`; every rank gets all results in order."""
+    local = []
+    for item in shard(items):
+        local.append(fn(item))
+        if on_item is not None:
+            on_item()
+    return gather(local, len(items))
+
+
+def is_main() -> bool:
+    return ranks().is_main
+
+
+def barrier() -> None:
+    if ranks().world_size > 1:
+        dist.barrier()
+
+
+@contextmanager
+def main_first() -> Iterator[bool]:
+    """Rank 0 runs the block first (writing a file, filling a cache), the others wait, then run it; yields
+    whether this is rank 0, for blocks that only rank 0 should act in."""
+    main = is_main()
+    if not main:
+        barrier()
+    try:
+        yield main
+    finally:
+        if main:
+            barrier()
+
+
+def deal_batches(batches: Sequence[Sequence[T]], where: Ranks | None = None) -> list[tuple[int, Sequence[T]]]:
+    """``(position, batch)`` of this rank's batches: batch ``i`` of the single-process order goes to rank
+    ``i % world_size`` (the batches are longest first, so the work stays balanced)."""
+    where = where or ranks()
+    return [(i, b) for i, b in enumerate(batches) if i % where.world_size == where.rank]
+
+
+def make_scorer(model: Any, tokenizer: Any, **kwargs: Any) -> Any:
+    """A :class:`bakeedit.evaluate.engine.Scorer`; in a process group of several ranks, one that splits every
+    request list over the ranks (see :func:`_sharded_scorer_class`) and hands every rank all results."""
+    from bakeedit.evaluate.engine import Scorer
+
+    cls = _sharded_scorer_class() if ranks().world_size > 1 else Scorer
+    return cls(model, tokenizer, **kwargs)
+
+
+@functools.cache
+def _sharded_scorer_class() -> type:
+    """The data-parallel Scorer (built on first use: the evaluation engine is not imported by locate runs).
+
+    Results equal one process's bit for bit: the requests are cut into the batches one process would form
+    (``evaluate/batching.py``: ``shared_batches`` for the packed and kv strategies, ``flat_batches`` for flat, the
+    longest-first cut of ``evaluate/generation.py`` for generation), whole batches are dealt out by
+    :func:`deal_batches`, and each batch is scored alone. Scoring one batch's requests forms exactly that batch
+    again (same sort, and every unit of it passed the fill rule against the same first row), so every number comes
+    from the same forward pass with the same padding companions as in a single process.
+    """
+    from bakeedit.evaluate.batching import flat_batches, shared_batches
+    from bakeedit.evaluate.engine import LLResult, Scorer
+
+    class ShardedScorer(Scorer):
+        def _batches(self, requests: Sequence[Any]) -> list[list[Any]]:
+            if self.mode == "flat":
+                return [list(b) for b in flat_batches(requests, self.batch_size)]
+            return [[r for g in groups for r in g]
+                    for groups in shared_batches(requests, self.batch_size, packed=self.mode == "packed")]
+
+        def score_tokens(self, requests: Sequence[Any]) -> list[LLResult]:
+            local: dict[int, LLResult] = {}
+            mine = deal_batches(self._batches(requests))
+            total, done, progress = sum(len(b) for _, b in mine), 0, self.progress
+            self.progress = None  # per-batch calls would each report their own totals
+            try:
+                for _, batch in mine:
+                    # re-indexed 0..k-1 in request order: the strategies write out[r.index] and break ties by it
+                    ordered = sorted(batch, key=lambda r: r.index)
+                    scored = super().score_tokens([replace(r, index=k) for k, r in enumerate(ordered)])
+                    local.update({r.index: res for r, res in zip(ordered, scored, strict=True)})
+                    done += len(batch)
+                    if progress is not None:
+                        progress("loglikelihood", done, total)
+            finally:
+                self.progress = progress
+            merged = gather_mapping(local)
+            return [merged[r.index] for r in requests]
+
+        def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
+            # The order of generation.greedy_generate: longest encoded prompt first (stable), cut every batch_size.
+            room = max(1, self.max_length - max_new_tokens)
+            lengths = [max(1, min(room, len(ids) + self.add_bos_token)) for ids in self._encode_many(prompts)]
+            order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+            batches = [order[b:b + self.batch_size] for b in range(0, len(order), self.batch_size)]
+            local: dict[int, str] = {}
+            mine = deal_batches(batches)
+            total, progress = sum(len(b) for _, b in mine), self.progress
+            self.progress = None
+            try:
+                for _, idx in mine:
+                    texts = super().generate([prompts[i] for i in idx], max_new_tokens, stop)
+                    local.update(zip(idx, texts, strict=True))
+                    if progress is not None:
+                        progress("generate", len(local), total)
+            finally:
+                self.progress = progress
+            merged = gather_mapping(local)
+            return [merged[i] for i in range(len(prompts))]
+
+    return ShardedScorer

@@ -1,0 +1,77 @@
+"""``bakeedit apply`` with an ``evaluate:`` block: base, edited and random control scored, report and card written."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from click.testing import CliRunner
+from huggingface_hub import ModelCard
+
+from bakeedit.cli import main
+from bakeedit.evaluate.report import read_results
+
+NEURONS = """neurons:
+  - {layer: 0, site: mlp.act, index: 3}
+  - {layer: 0, site: mlp.act, index: 9}
+  - {layer: 2, site: attn.v, index: 1, lambda: 0}
+"""
+
+
+def write_recipe(tmp_path, base, shared_data, tasks="[crows_pairs, copa]"):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"name: eval-test\nmodel: {base}\nedit: {{lambda: 3}}\n{NEURONS}"
+                    f"evaluate: {{tasks: {tasks}, limit: 5, seed: 1, data_dir: {shared_data}}}\n")
+    return path
+
+
+def test_apply_scores_base_edited_and_control_and_writes_the_card(tmp_path, tiny_checkpoint, shared_data):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["apply", str(write_recipe(tmp_path, tiny_checkpoint("llama"), shared_data)),
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+
+    run = read_results(out / "eval")
+    assert set(run.results) == {"base", "edited", "control"}
+    for label, tasks in run.results.items():
+        assert sorted(r.task for r in tasks) == ["copa", "crows_pairs"], label
+        assert all(r.n == 5 and r.limit == 5 and r.seed == 1 for r in tasks), label
+    assert (out / "eval" / "report.md").is_file()
+
+    located = json.loads((out / "neurons.json").read_text())["neurons"]
+    control = json.loads((out / "neurons-random.json").read_text())["neurons"]
+    assert Counter((n["layer"], n["site"]) for n in control) == Counter((n["layer"], n["site"]) for n in located)
+    assert not {(n["layer"], n["site"], n["index"]) for n in control} & {
+        (n["layer"], n["site"], n["index"]) for n in located}
+
+    prov = json.loads((out / "bakeedit.json").read_text())
+    assert set(prov["evaluation"]["labels"]) == {"base", "control", "edited"}
+    assert prov["evaluation"]["control_neurons"] == "neurons-random.json"
+    assert "neurons-random.json" in prov["files_sha256"]  # the control is evidence too: verify/push re-check it
+
+    card = ModelCard.load(out / "README.md")
+    metrics = {(r.task_type, r.metric_type) for r in card.data.eval_results}
+    assert any(m == "pct_stereotype" for _, m in metrics) and any(m == "acc" for _, m in metrics)
+    assert "random" in card.text.lower()
+
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0  # eval files do not break the hashes
+
+
+def test_no_eval_skips_the_evaluation_but_still_writes_the_card(tmp_path, tiny_checkpoint, shared_data):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, tiny_checkpoint("qwen2"), shared_data)
+    result = CliRunner().invoke(main, ["apply", str(recipe), "-o", str(out), "--no-eval"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "eval").exists() and not (out / "neurons-random.json").exists()
+    assert json.loads((out / "bakeedit.json").read_text())["evaluation"] is None
+    card = ModelCard.load(out / "README.md")
+    assert "bakeedit" in card.data.tags and not card.data.eval_results
+
+
+def test_a_bad_push_target_is_refused_before_any_work(tmp_path, tiny_checkpoint, shared_data):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, tiny_checkpoint("llama"), shared_data)
+    result = CliRunner().invoke(main, ["apply", str(recipe), "-o", str(out), "--push", "not a/repo id!"])
+    assert result.exit_code == 1
+    assert "--push" in result.stderr and "not a valid repository id" in result.stderr
+    assert not out.exists()

@@ -1,0 +1,108 @@
+"""results.json / report.md / plots from hand-made task results of three models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bakeedit.errors import DataError
+from bakeedit.evaluate import MetricValue, TaskResult
+from bakeedit.evaluate.report import fmt, improved, read_results, render_report, write_results
+from bakeedit.evaluate.runner import EvalRun
+
+
+def mv(name: str, value: float, stderr: float | None = 2.0, better: bool | None = None) -> MetricValue:
+    return MetricValue(name, value, stderr, 100, better)
+
+
+def crows(pct: float, gender: float) -> TaskResult:
+    return TaskResult("crows_pairs", "1", "bias", {"pct_stereotype": mv("pct_stereotype", pct)}, 100,
+                      "/data/crows_pairs/crows.csv", "ab" * 32, 100, 0,
+                      {"gender": {"pct_stereotype": mv("pct_stereotype", gender)},
+                       "race-color": {"pct_stereotype": mv("pct_stereotype", pct)}})
+
+
+def arc(acc: float) -> TaskResult:
+    return TaskResult("arc_easy", "1", "capability", {"acc": mv("acc", acc, 0.01, True)}, 100, "/data/arc",
+                      "cd" * 32, 100, 0)
+
+
+def make_run() -> EvalRun:
+    return EvalRun(
+        {"edited": [crows(52.0, 50.0), arc(0.60)], "base": [crows(60.0, 70.0), arc(0.62)],
+         "control": [crows(58.0, 66.0), arc(0.61)]},
+        config={"limit": 100, "seed": 0, "n_total": {"crows_pairs": 1508}},
+        models={"base": {"ref": "embedded", "description": "`embedded`"}},
+    )
+
+
+def test_improved_uses_ideal_then_direction() -> None:
+    assert improved(mv("ss", 55.0), mv("ss", 62.0), 50.0) is True
+    assert improved(mv("ss", 40.0), mv("ss", 55.0), 50.0) is False  # overshooting the ideal is worse here
+    assert improved(mv("acc", 0.5, better=True), mv("acc", 0.6, better=True), None) is False
+    assert improved(mv("x", 1.0), mv("x", 2.0), None) is None
+    assert improved(mv("x", float("nan")), mv("x", 2.0), 0.0) is None
+
+
+def test_fmt() -> None:
+    assert fmt(57.456, 3.21) == "57.5 ± 3.2"
+    assert fmt(0.61234, 0.0123) == "0.612 ± 0.012"
+    assert fmt(-8.0, math.hypot(2, 2), signed=True, ref=60.0) == "-8.0 ± 2.8"
+    assert fmt(-8.0, math.hypot(2, 2), signed=True) == "-8.00 ± 2.83"
+    assert fmt(float("nan")) == "—"
+
+
+def test_write_results(tmp_path: Path) -> None:
+    report = write_results(tmp_path / "eval", make_run())
+    folder = report.parent
+    text = report.read_text()
+    # columns: base, edited, control, then deltas of edited and control against base
+    head = "| task | metric | ideal | base | edited | control | Δ edited | Δ control | better (edited, control) |"
+    assert head in text
+    assert "| crows_pairs | pct_stereotype | 50 | 60.0 ± 2.0 | 52.0 ± 2.0 | 58.0 ± 2.0 | -8.0 ± 2.8 | -2.0 ± 2.8 | " \
+           "yes / yes |" in text
+    assert "| arc_easy | acc | — | 0.620 ± 0.010 | 0.600 ± 0.010 | 0.610 ± 0.010 | -0.020 ± 0.014 | " \
+           "-0.010 ± 0.014 | no / no |" in text
+    assert "| gender | 100 | 70.0 ± 2.0 | 50.0 ± 2.0 | 66.0 ± 2.0 | -20.0 ± 2.8 | -4.0 ± 2.8 |" in text
+    assert "| crows_pairs | 1 | 100 | 1508 | `/data/crows_pairs/crows.csv` | `abababababababab` |" in text
+    for png in ("plots/bias_crows_pairs.png", "plots/capability.png", "plots/capability_deltas.png",
+                "plots/bias_deltas.png"):
+        assert f"]({png})" in text
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    raw = json.loads((folder / "results.json").read_text())
+    row = next(r for r in raw["rows"] if r["model"] == "control" and r["task"] == "crows_pairs"
+               and r["group"] == "gender")
+    assert row["value"] == 66.0 and row["stderr"] == 2.0 and row["n"] == 100
+    assert row["data_sha256"] == "ab" * 32 and row["data_source"] == "/data/crows_pairs/crows.csv"
+    back = read_results(folder)
+    assert back.results["edited"][0].to_json() == crows(52.0, 50.0).to_json()
+    assert back.config["limit"] == 100
+
+
+def test_single_model_report_has_no_delta_columns(tmp_path: Path) -> None:
+    text = render_report(EvalRun({"model": [crows(55.0, 50.0)]}))
+    assert "| task | metric | ideal | model |" in text and "Δ" not in text.split("## Bias per category")[0]
+
+
+def test_single_model_capability_run_has_a_score_plot(tmp_path: Path) -> None:
+    """A capability run without a baseline (no deltas) still draws and links the per-task score plot; perplexity
+    (not a share in [0, 1]) stays out of it."""
+    ppl = TaskResult("perplexity", "1", "capability", {"word_perplexity": mv("word_perplexity", 40.0, 1.0, False)},
+                     100, "/data/hs", "ef" * 32, 100, 0)
+    report = write_results(tmp_path / "eval", EvalRun({"model": [arc(0.6), ppl]}))
+    text = report.read_text()
+    assert "](plots/capability.png)" in text and "capability_deltas" not in text
+    assert (report.parent / "plots" / "capability.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (report.parent / "plots").iterdir()) == ["capability.png"]
+
+
+def test_read_results_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such results file"):
+        read_results(tmp_path)
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(DataError, match=r"not a bakeedit results\.json"):
+        read_results(tmp_path)

@@ -1,0 +1,172 @@
+"""The model card: structure pinned by a golden file, YAML parsed by huggingface_hub, numbers traced to the evidence."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+from baked_folders import NONLINEAR, add_evaluation, bake
+from click.testing import CliRunner
+from huggingface_hub import ModelCard
+
+from bakeedit.cli import main
+from bakeedit.export.card import CARD_FILE, GENERATED_MARKER, HEATMAP_FILE, write_card
+from bakeedit.export.provenance import check_file_hashes, read_provenance
+from bakeedit.models.embedded import file_sha256
+
+GOLDEN = Path(__file__).parent / "golden" / "card_structure.txt"
+UPDATE_GOLDEN = os.environ.get("BAKEEDIT_UPDATE_GOLDEN") == "1"
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory) -> Path:
+    folder = bake(tmp_path_factory.mktemp("card"))
+    add_evaluation(folder)
+    write_card(folder)
+    return folder
+
+
+def structure(text: str) -> list[str]:
+    """The card's skeleton: front-matter keys, model-index shape, headings; no numbers."""
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    lines = [f"key {k}" for k in data]
+    for entry in data.get("model-index", []):
+        for result in entry["results"]:
+            lines.append(f"result {result['dataset']['name']}: " + ", ".join(m["type"] for m in result["metrics"]))
+    lines += [line for line in card.text.splitlines() if line.startswith("#")]
+    return lines
+
+
+def test_card_structure_matches_golden(evaluated):
+    found = structure((evaluated / CARD_FILE).read_text())
+    if UPDATE_GOLDEN:
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text("\n".join(found) + "\n")
+    assert found == GOLDEN.read_text().splitlines(), "regenerate with BAKEEDIT_UPDATE_GOLDEN=1 if intended"
+
+
+def test_front_matter_parses_with_one_model_index_metric_per_evaluated_metric(evaluated):
+    card = ModelCard.load(evaluated / CARD_FILE)
+    data = card.data
+    assert data.library_name == "transformers" and data.license == "unknown"
+    assert data.pipeline_tag == "text-generation"
+    assert {"bakeedit", "bias-mitigation", "neuron-editing", "explicit"} <= set(data.tags)
+    assert data.base_model is None and "base_model_relation" not in data.to_dict()  # a local base has no Hub id
+    raw = json.loads((evaluated / "eval" / "results.json").read_text())
+    expected = {(r["task"], name): m["value"] for r in raw["results"]["edited"] for name, m in r["metrics"].items()
+                if m["value"] is not None and math.isfinite(m["value"])}
+    got = {(r.dataset_name, r.metric_type): r.metric_value for r in data.eval_results}
+    assert set(got) == set(expected)
+    assert len(data.eval_results) == len(expected) == 3  # bbq's NaN metric is left out
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5)
+    assert {r.task_type for r in data.eval_results} == {"text-generation"}
+    assert data.model_name == "tiny-out"
+
+
+def test_body_traces_every_number_to_the_evidence(evaluated):
+    text = (evaluated / CARD_FILE).read_text()
+    prov = read_provenance(evaluated)
+    assert text.count(GENERATED_MARKER) == 1
+    assert f"**{prov.verification.max_abs_logit_delta:.3g}**" in text and "**passed**" in text
+    assert "| 2 | · | · | 2 | 2 |" in text  # layer 2: two mlp.act neurons (columns attn.q, attn.v, mlp.act)
+    assert "| total | 1 | 1 | 2 | 4 |" in text
+    if (evaluated / HEATMAP_FILE).is_file():
+        assert f"]({HEATMAP_FILE})" in text
+    bias = text.split("### Bias")[1].split("### Capability")[0]
+    assert "| crows_pairs | pct_stereotype | 50 | 60.0 ± 1.5 | 55.0 ± 1.5 | 59.0 ± 1.5 | -5.00 ± 2.12 |" in bias
+    assert bias.count("| 40 |") == 3  # sample counts
+    assert "| arc_easy | acc |" in text.split("### Capability")[1] and "| 30 |" in text
+    assert "Blodgett et al., 2021" in text and "BBQ's ambiguous-context" in text  # only run tasks' weaknesses
+    assert "WinoGender is small" not in text
+    assert "`recipe.yaml`" in text and prov.recipe.sha256[:16] in text
+    for name, digest in prov.files_sha256.items():
+        assert f"| `{name}` |" in text and digest[:16] in text
+    assert "from_pretrained('path/to/out')" in text and "trust_remote_code" not in text
+
+
+def test_hub_base_model_gets_base_model_relation_and_license(tmp_path):
+    folder = bake(tmp_path)
+    raw = json.loads((folder / "bakeedit.json").read_text())
+    raw["base_model"].update(hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0")
+    (folder / "bakeedit.json").write_text(json.dumps(raw))  # not a hashed file: the folder still verifies
+    write_card(folder, repo_id="someone/tiny-edit")
+    card = ModelCard.load(folder / CARD_FILE)
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert card.data.to_dict()["base_model_relation"] == "finetune" and card.data.license == "apache-2.0"
+    assert "from_pretrained('someone/tiny-edit')" in card.text and "license: unknown" not in card.text
+    assert "No evaluation was run" in card.text and card.data.eval_results is None
+    assert check_file_hashes(folder, read_provenance(folder)) == []
+
+
+def test_card_command_regenerates_atomically_and_keeps_hashes(tmp_path):
+    folder = bake(tmp_path)
+    raw = json.loads((folder / "bakeedit.json").read_text())
+    raw["recipe"]["data"]["description"] = "a rewritten description"
+    (folder / "bakeedit.json").write_text(json.dumps(raw))
+    result = CliRunner().invoke(main, ["card", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(folder / CARD_FILE)
+    assert "> a rewritten description" in (folder / CARD_FILE).read_text()
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert check_file_hashes(folder, read_provenance(folder)) == []
+    staged = write_card(folder, local_name="final-name").read_text()  # as apply writes it in its staging folder
+    assert "from_pretrained('path/to/final-name')" in staged
+
+
+def test_malformed_results_fail_the_card_with_the_file_named(tmp_path):
+    folder = bake(tmp_path)
+    written_by_apply = (folder / CARD_FILE).read_text()
+    (folder / "eval").mkdir()
+    (folder / "eval" / "results.json").write_text('{"results": {"edited": [{"task": 1}]}}')
+    result = CliRunner().invoke(main, ["card", str(folder)])
+    assert result.exit_code == 1
+    assert "results.json" in result.output and "Traceback" not in result.output
+    assert (folder / CARD_FILE).read_text() == written_by_apply  # the failed regeneration left the card alone
+
+
+def test_custom_module_card_says_trust_remote_code_with_the_module_hash(tmp_path):
+    folder = bake(tmp_path, edit=NONLINEAR)
+    prov = read_provenance(folder)
+    assert prov.edit_form in ("custom_module", "mixed") and prov.custom_module is not None
+    text = write_card(folder).read_text()
+    module_hash = file_sha256(folder / prov.custom_module.module_file)
+    how = text.split("## How to load")[1].split("## ")[0]
+    assert module_hash in how and "trust_remote_code=True" in how
+    assert re.search(r"AutoTokenizer\.from_pretrained\('path/to/out', trust_remote_code=True\)", how)
+
+
+GOLDEN_QUICKSTART = Path(__file__).parent / "golden" / "card_structure_quickstart.txt"
+
+
+@pytest.mark.slow
+def test_quickstart_card_renders_with_one_model_index_metric_per_evaluated_metric(tmp_path, smollm2, shared_data,
+                                                                                   monkeypatch):
+    """The issue's bar: the quickstart output, as ``bakeedit apply`` evaluates it (base, edited, random control; a
+    small sample), gets a card whose YAML huggingface_hub parses and whose model-index lists every finite metric of
+    the edited model."""
+    from bakeedit.evaluate.report import read_results
+
+    monkeypatch.setenv("BAKEEDIT_DATA_DIR", str(shared_data))
+    out = tmp_path / "quickstart"
+    quickstart = Path(__file__).parents[2] / "recipes" / "quickstart.yaml"
+    applied = CliRunner().invoke(main, ["apply", str(quickstart), "-o", str(out), "--eval-limit", "4"])
+    assert applied.exit_code == 0, applied.output
+    run = read_results(out / "eval")
+    assert set(run.results) == {"base", "edited", "control"}
+    card = ModelCard.load(out / "README.md")  # written by apply, last
+
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+    assert card.data.to_dict()["base_model_relation"] == "finetune"
+    finite = [(r.task, m.name) for r in run.results["edited"] for m in r.metrics.values() if math.isfinite(m.value)]
+    assert finite and sorted((r.dataset_name, r.metric_type) for r in card.data.eval_results) == sorted(finite)
+    skeleton = [line for line in structure(str(card)) if not line.startswith("result ")]  # tasks' metric names vary
+    if UPDATE_GOLDEN:
+        GOLDEN_QUICKSTART.write_text("\n".join(skeleton) + "\n")
+    assert skeleton == GOLDEN_QUICKSTART.read_text().splitlines()
+    assert check_file_hashes(out, read_provenance(out)) == []

@@ -1,0 +1,141 @@
+"""Clients in fresh processes, and the olah mirror server, for the Hub tests.
+
+Clients run as subprocesses with ``HF_ENDPOINT`` pointing at a server on 127.0.0.1, ``HF_HOME`` in a temporary
+folder, ``HF_HUB_DISABLE_XET=1`` and ``HF_HUB_OFFLINE`` lifted: huggingface_hub reads those once at import, so a fresh
+process is how a user on another machine sees the server, and its whole output (logs, warnings) can be searched for
+the token. Every server stops by itself (a watchdog) even if a test hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SERVER_LIFETIME_S = 300
+CLIENT_TIMEOUT_S = 240
+OLAH_START_TIMEOUT_S = 60
+# olah with a watchdog thread: the process exits by itself after its lifetime, whatever happens to the test.
+OLAH_MAIN = (
+    "import os, sys, threading\n"
+    "threading.Thread(target=lambda: (threading.Event().wait(float(sys.argv[3])), os._exit(0)), daemon=True).start()\n"
+    "sys.argv = ['olah-cli', '-c', sys.argv[1], '--log-path', sys.argv[2]]\n"
+    "from olah.server import cli\n"
+    "cli()\n"
+)
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def client_env(tmp: Path, endpoint: str, token: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp / "hf_home"), HF_HUB_DISABLE_XET="1",
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONUNBUFFERED="1")
+    if token is not None:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def run_client(args: list[str], tmp: Path, endpoint: str, token: str | None = None) -> Ran:
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, *args], env=client_env(tmp, endpoint, token), capture_output=True,
+                          text=True, timeout=CLIENT_TIMEOUT_S, cwd=tmp)
+    return Ran(proc.returncode, proc.stdout, proc.stderr)
+
+
+def bakeedit(*args: str, tmp: Path, endpoint: str, token: str | None = None) -> Ran:
+    """The ``bakeedit`` command in a fresh process."""
+    return run_client(["-c", "from bakeedit.cli import main; main()", *args], tmp, endpoint, token)
+
+
+def check_remote(repo_id: str, local: Path, tmp: Path, endpoint: str, token: str | None = None,
+                 pin: bool = False) -> dict:
+    """snapshot_download + ModelCard.load + from_pretrained of ``repo_id`` vs ``local`` (``client_check.py``)."""
+    args = [str(HERE / "client_check.py"), repo_id, str(local), *(["--pin"] if pin else [])]
+    ran = run_client(args, tmp, endpoint, token)
+    assert ran.returncode == 0, ran.output[-4000:]
+    return json.loads(ran.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git_mirror(folder: Path, mirrors: Path, repo_id: str) -> Path:
+    """Commit ``folder``'s files into a git repository where olah looks for mirrors (``models/<org>/<name>``).
+
+    Plus one hidden placeholder, ``additional_chat_templates/.gitkeep``: transformers' tokenizer loader lists that
+    folder, and olah (0.5.4) answers the listing of a missing folder with 401 RepoNotFound where the Hub answers
+    404 EntryNotFound, which transformers treats as fatal. The placeholder is not a template and not compared.
+    """
+    repo = mirrors / "models" / repo_id
+    shutil.copytree(folder, repo)
+    (repo / "additional_chat_templates").mkdir()
+    (repo / "additional_chat_templates" / ".gitkeep").write_text("")
+    git = ["git", "-C", str(repo), "-c", "user.name=bakeedit-tests", "-c", "user.email=tests@localhost"]
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "baked folder"]):
+        subprocess.run([*git, *args], check=True, capture_output=True, timeout=60)
+    return repo
+
+
+def _wait_until_answering(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + OLAH_START_TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            urllib.request.urlopen(f"{url}/api/whoami-v2", timeout=1)
+            return
+        except urllib.error.HTTPError:
+            return  # an HTTP answer, whatever its status: the server is up
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"olah did not start within {OLAH_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@contextmanager
+def olah_server(mirrors: Path, work: Path) -> Iterator[str]:
+    """Run olah (offline mode) on a free loopback port, serving the git repositories under ``mirrors``."""
+    port = free_port()
+    config = work / "olah.toml"
+    config.write_text(
+        f'[basic]\nhost = "127.0.0.1"\nport = {port}\nrepos-path = "{work / "cache"}"\n'
+        f'mirrors-path = ["{mirrors}"]\n[accessibility]\noffline = true\n'
+    )
+    log = work / "olah.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", OLAH_MAIN, str(config), str(work / "logs"), str(SERVER_LIFETIME_S)],
+            cwd=work, stdout=out, stderr=subprocess.STDOUT, env=client_env(work, "http://127.0.0.1:9", None),
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_until_answering(url, proc, log)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
