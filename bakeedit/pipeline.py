@@ -27,7 +27,8 @@ from bakeedit.apply_eval import evaluate_before_fold, evaluate_edited, merge_run
 from bakeedit.edit import EditPlan, build_plan, fold_plan, runtime_edit
 from bakeedit.edit.fit import FitReport, fit_edit
 from bakeedit.edit.stream import stream_for_apply
-from bakeedit.errors import RecipeError, VerificationError
+from bakeedit.errors import BakeeditError, RecipeError, VerificationError
+from bakeedit.evaluate.runner import expand_tasks
 from bakeedit.export.card import write_card
 from bakeedit.export.custom_module import is_custom_module, write_custom_module
 from bakeedit.export.provenance import (
@@ -143,6 +144,11 @@ def apply_recipe(
     recipe = lr.recipe
     out = check_output(out, overwrite)
     timings: dict[str, float] = {}
+    if evaluate and recipe.evaluate is not None:
+        try:
+            expand_tasks(recipe.evaluate.tasks)  # an unknown task fails now, not after locating and baking
+        except BakeeditError as exc:
+            raise RecipeError(f"{lr.path}: evaluate.tasks: {exc.args[0]}", hint=exc.hint) from None
 
     with _timed(timings, "load model", report):
         loaded = load_model(recipe.model)

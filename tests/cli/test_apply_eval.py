@@ -75,3 +75,13 @@ def test_a_bad_push_target_is_refused_before_any_work(tmp_path, tiny_checkpoint,
     assert result.exit_code == 1
     assert "--push" in result.stderr and "not a valid repository id" in result.stderr
     assert not out.exists()
+
+
+def test_an_unknown_task_is_refused_before_any_work(tmp_path, tiny_checkpoint, shared_data):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path, tiny_checkpoint("llama"), shared_data, tasks="[crows_pairs, stereoset]")
+    result = CliRunner().invoke(main, ["apply", str(recipe), "-o", str(out)])
+    assert result.exit_code == 1
+    first = result.stderr.strip().splitlines()[0]
+    assert "evaluate.tasks" in first and "stereoset" in first, result.stderr
+    assert not out.exists()
