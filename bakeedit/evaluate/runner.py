@@ -32,6 +32,8 @@ from bakeedit.evaluate.tasks.base import DATA_DIR_ENV, Task, TaskData, TaskResul
 from bakeedit.parallel import make_scorer
 
 TASK_GROUPS = ("bias", "capability", "all")
+#: Names that stand for several tasks, as users write them (the paper's benchmark name for both of its parts).
+TASK_ALIASES = {"stereoset": ("stereoset_intrasentence", "stereoset_intersentence")}
 ModelLike = Any  # a LoadedModel (``.model`` and ``.tokenizer``) or a ``(model, tokenizer)`` pair
 ModelRef = ModelLike | Callable[[], AbstractContextManager[ModelLike]]
 ProgressFn = Callable[[str, int, int], None]  # (description, done, total)
@@ -51,8 +53,9 @@ class EvalRun:
 
 
 def expand_tasks(spec: str | Sequence[str]) -> tuple[list[str], set[str]]:
-    """Task names from ``"t1,t2"`` / ``"bias"`` / ``"capability"`` / ``"all"`` (or a list of those), in order and
-    without repeats; also the names that came from a group (those may be skipped when their data is missing)."""
+    """Task names from ``"t1,t2"`` / ``"bias"`` / ``"capability"`` / ``"all"`` / an alias such as ``"stereoset"``
+    (or a list of those), in order and without repeats; also the names that came from a group (those may be
+    skipped when their data is missing)."""
     parts = [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if p.strip()]
     if not parts:
         raise RecipeError("no evaluation tasks given", hint="e.g. --tasks bias, --tasks crows_pairs,bbq")
@@ -64,10 +67,11 @@ def expand_tasks(spec: str | Sequence[str]) -> tuple[list[str], set[str]]:
             from_group.update(n for n in group if n not in names)
             names.extend(n for n in group if n not in names)
         else:
-            get_task(p)  # UnknownTaskError lists the available names
-            if p not in names:
-                names.append(p)
-            from_group.discard(p)
+            for name in TASK_ALIASES.get(p, (p,)):
+                get_task(name)  # UnknownTaskError lists the available names
+                if name not in names:
+                    names.append(name)
+                from_group.discard(name)
     return names, from_group
 
 

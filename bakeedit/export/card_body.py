@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 from bakeedit.export.card import CARD_FILE, EVAL_DIR, GENERATED_MARKER, CardContext
 from bakeedit.models.arch import SITES
@@ -69,9 +70,17 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def public_ref(base) -> str:
+    """How the card names the base model: its Hub id, else only the local folder's or file's name (a public card
+    should not carry a path of the machine it was baked on)."""
+    if base.hub_id:
+        return base.hub_id
+    return Path(base.ref).name if base.kind in ("local", "gguf") else base.ref
+
+
 def header(ctx: CardContext) -> list[str]:
     prov = ctx.provenance
-    base = prov.base_model.hub_id or prov.base_model.ref
+    base = public_ref(prov.base_model)
     name = prov.recipe.data.get("name", ctx.folder_name)
     description = " ".join(str(prov.recipe.data.get("description", "")).split())
     lines = [GENERATED_MARKER, "", f"# {ctx.model_name}", "",
@@ -292,7 +301,7 @@ def reproduce(ctx: CardContext) -> list[str]:
              f"`{prov.recipe.sha256[:16]}`), with bakeedit {prov.bakeedit_version} on {prov.created_at}:", "",
              "```bash", "bakeedit apply recipe.yaml -o OUT   # locate or read neurons, fold, save, verify",
              "bakeedit verify OUT                 # re-hash files, compare with the runtime edit", "```", "",
-             f"Base model: `{base.ref}` ({base.kind}"
+             f"Base model: `{public_ref(base)}` ({base.kind}"
              + (f", revision `{base.revision}`" if base.revision else "") + "); its input files had sha256 "
              + ", ".join(f"`{name}` `{digest[:16]}`" for name, digest in sorted(base.input_sha256.items())) + "."]
     if prov.recipe.data.get("locate"):

@@ -79,9 +79,9 @@ def test_a_bad_push_target_is_refused_before_any_work(tmp_path, tiny_checkpoint,
 
 def test_an_unknown_task_is_refused_before_any_work(tmp_path, tiny_checkpoint, shared_data):
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path, tiny_checkpoint("llama"), shared_data, tasks="[crows_pairs, stereoset]")
+    recipe = write_recipe(tmp_path, tiny_checkpoint("llama"), shared_data, tasks="[crows_pairs, stereoset_intra]")
     result = CliRunner().invoke(main, ["apply", str(recipe), "-o", str(out)])
     assert result.exit_code == 1
     first = result.stderr.strip().splitlines()[0]
-    assert "evaluate.tasks" in first and "stereoset" in first, result.stderr
+    assert "evaluate.tasks" in first and "stereoset_intra" in first, result.stderr
     assert not out.exists()

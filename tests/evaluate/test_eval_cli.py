@@ -104,3 +104,9 @@ def test_task_groups_and_skipping(tmp_path: Path, monkeypatch) -> None:
         load_tasks(["crows_pairs", "bbq"], tmp_path, 3, 0, {"crows_pairs", "bbq"})
     with pytest.raises(DataError, match=r"crows_pairs_anonymized\.csv"):
         load_tasks(["crows_pairs"], tmp_path, 3, 0, set())
+
+
+def test_the_stereoset_alias_names_both_parts_which_are_never_skipped():
+    names, from_group = expand_tasks(["crows_pairs", "stereoset", "stereoset_intersentence"])
+    assert names == ["crows_pairs", "stereoset_intrasentence", "stereoset_intersentence"]
+    assert from_group == set()

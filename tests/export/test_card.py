@@ -170,3 +170,10 @@ def test_quickstart_card_renders_with_one_model_index_metric_per_evaluated_metri
         GOLDEN_QUICKSTART.write_text("\n".join(skeleton) + "\n")
     assert skeleton == GOLDEN_QUICKSTART.read_text().splitlines()
     assert check_file_hashes(out, read_provenance(out)) == []
+
+
+def test_a_local_base_is_named_without_the_machine_path(tmp_path):
+    folder = bake(tmp_path)
+    text = (folder / CARD_FILE).read_text()
+    assert str(tmp_path) not in text  # neither the base folder's path nor the recipe's
+    assert "`base-llama`" in text
