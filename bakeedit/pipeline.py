@@ -144,7 +144,7 @@ def apply_recipe(
     recipe = lr.recipe
     out = check_output(out, overwrite)
     timings: dict[str, float] = {}
-    if evaluate and recipe.evaluate is not None:
+    if evaluate and recipe.evaluate is not None and recipe.evaluate.tasks:
         try:
             expand_tasks(recipe.evaluate.tasks)  # an unknown task fails now, not after locating and baking
         except BakeeditError as exc:
