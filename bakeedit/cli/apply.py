@@ -9,7 +9,7 @@ from rich.table import Table
 
 from bakeedit.cli.main import console
 from bakeedit.cli.progress import bar_reporter, command_progress
-from bakeedit.export.hub import PushError, push_folder
+from bakeedit.export.hub import check_repo_id, push_folder
 from bakeedit.pipeline import apply_recipe
 from bakeedit.recipe import load_recipe
 
@@ -35,7 +35,7 @@ def apply_command(recipe: Path, out: Path, overwrite: bool, no_eval: bool, eval_
     if private and not push_repo:
         raise click.UsageError("--private only applies with --push REPO_ID")
     if push_repo:
-        validate_repo_id_early(push_repo)
+        check_repo_id(push_repo, "--push: ")  # before minutes of work, not after
     lr = load_recipe(recipe)
     if eval_limit is not None and lr.recipe.evaluate is not None:  # recorded in bakeedit.json as what was run
         lr.recipe.evaluate = lr.recipe.evaluate.model_copy(update={"limit": eval_limit})
@@ -74,14 +74,3 @@ def apply_command(recipe: Path, out: Path, overwrite: bool, no_eval: bool, eval_
         console.print(f"[green]pushed[/] {len(pushed.plan.files)} files to {pushed.repo_id} ({pushed.revision})")
         click.echo(pushed.commit_url)
 
-
-def validate_repo_id_early(repo_id: str) -> None:
-    """Refuse a malformed --push target before minutes of work, not after."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise PushError(f"--push: '{repo_id}' is not a valid repository id ({exc})",
-                        hint="use 'namespace/name'") from None

@@ -28,6 +28,16 @@ def _se(m: MetricValue | None) -> float:
     return 0.0 if m is None or m.stderr is None or not math.isfinite(m.stderr) else m.stderr
 
 
+def _save(fig, ax, path: Path) -> Path:
+    """Legend, layout, write ``path`` (its folder created) and free the figure: the end of every plot here."""
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_categories(
     path: Path,
     task: str,
@@ -56,12 +66,7 @@ def plot_categories(
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(metric)
     ax.set_title(f"{task}: {metric} per category")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_deltas(
@@ -95,12 +100,7 @@ def plot_deltas(
     ax.invert_yaxis()
     ax.set_xlabel(f"difference from {baseline}")
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_scores(
@@ -131,9 +131,4 @@ def plot_scores(
     ax.set_xticklabels([f"{t}\n{m}" for t, m, _ in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)

@@ -195,6 +195,19 @@ def _commit_message(folder: Path) -> str:
             f"{prov.plan.n_neurons} neurons, {prov.edit_form})")
 
 
+def check_repo_id(repo_id: str, what: str = "") -> None:
+    """Refuse a malformed repository id with huggingface_hub's own rule (``what`` prefixes the message, e.g. the
+    option that gave it), before any request or, for ``apply --push``, before any work."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise PushError(f"{what}'{repo_id}' is not a valid repository id ({exc})",
+                        hint="use 'namespace/name'") from None
+
+
 def push_folder(
     folder: Path,
     repo_id: str,
@@ -209,13 +222,9 @@ def push_folder(
     commit to ``revision`` (a branch, created from main if missing; default main). Raises :class:`PushError`
     (never claiming success) on any refusal or failure; the token never appears in its message."""
     from huggingface_hub import HfApi, constants, get_token
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise PushError(f"'{repo_id}' is not a valid repository id ({exc})", hint="use 'namespace/name'") from None
+    check_repo_id(repo_id)
     plan = plan_push(Path(folder))
     api = HfApi(endpoint=endpoint)
     endpoint = api.endpoint
