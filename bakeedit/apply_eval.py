@@ -88,3 +88,51 @@ def write_evaluation(folder: Path, run: EvalRun, control: NeuronSet | None) -> d
         "labels": list(run.results), "skipped": run.skipped,
         "control_neurons": CONTROL_NEURONS_FILE if control is not None else None,
     }
+
+
+# ------------------------------------------------------------------ ``bakeedit eval`` writing into a baked folder
+
+
+def baked_folder_of(out: Path) -> Path | None:
+    """The baked folder (one holding ``bakeedit.json``) that ``out`` is, or lies inside; None for other outputs."""
+    from bakeedit.export.provenance import PROVENANCE_FILE
+
+    out = Path(out).expanduser().resolve()
+    return next((p for p in (out, *out.parents) if (p / PROVENANCE_FILE).is_file()), None)
+
+
+def eval_outputs(folder: Path, out: Path) -> tuple[str, ...]:
+    """What ``write_results`` writes into ``out``, relative to the baked ``folder`` (``plots/`` as a whole)."""
+    from bakeedit.evaluate.report import PLOTS_DIR, REPORT_FILE, RESULTS_FILE
+
+    rel = Path(out).expanduser().resolve().relative_to(Path(folder).resolve()).as_posix()
+    prefix = "" if rel == "." else f"{rel}/"
+    return (f"{prefix}{RESULTS_FILE}", f"{prefix}{REPORT_FILE}", f"{prefix}{PLOTS_DIR}/")
+
+
+def check_before_eval(out: Path) -> Path | None:
+    """Before evaluating into a baked folder: every file it does not rewrite must match ``bakeedit.json`` (an
+    hour of evaluation is not spent on a folder that cannot be made valid again). Returns the baked folder."""
+    from bakeedit.export.provenance import check_folder
+
+    folder = baked_folder_of(out)
+    if folder is not None:
+        check_folder(folder, skip=eval_outputs(folder, out), purpose="refusing to write an evaluation into it")
+    return folder
+
+
+def record_evaluation(folder: Path, out: Path, run: EvalRun) -> None:
+    """After ``bakeedit eval`` wrote ``out`` inside the baked ``folder``: re-check every other file, then record the
+    new files' hashes and the run's summary in ``bakeedit.json`` (``provenance.refresh_manifest``), so the folder
+    stays valid for verify, card and push."""
+    from bakeedit.evaluate.report import REPORT_FILE, RESULTS_FILE
+    from bakeedit.export.provenance import refresh_manifest
+
+    written = eval_outputs(folder, out)
+    prefix = written[0].removesuffix(RESULTS_FILE)
+    summary = {
+        "results": f"{prefix}{RESULTS_FILE}", "report": f"{prefix}{REPORT_FILE}", "written_by": "bakeedit eval",
+        "tasks": run.config.get("tasks"), "limit": run.config.get("limit"), "seed": run.config.get("seed"),
+        "labels": list(run.results), "skipped": run.skipped, "control_neurons": None,
+    }
+    refresh_manifest(folder, written, update={"evaluation": summary})

@@ -43,8 +43,27 @@ class OutputExistsError(BakeeditError):
     hint = "pass --overwrite to replace it, or choose another -o folder"
 
 
+class OutputNotOursError(OutputExistsError):
+    """``--overwrite`` was given, but the output holds something bakeedit did not write (it is never deleted)."""
+
+    hint = "--overwrite replaces only what bakeedit wrote: move those files away, or choose another -o"
+
+
+class OutputPathError(BakeeditError):
+    """The ``-o`` path is empty, or is/contains/lies inside a folder that replacing it would destroy."""
+
+    hint = "choose a new folder of its own for -o, e.g. -o ./debiased-model"
+
+
 class VerificationError(BakeeditError):
     """The saved checkpoint does not reproduce the runtime edit within the tolerance."""
+
+
+class ManifestError(VerificationError):
+    """A baked folder is not what its ``bakeedit.json`` records: a file missing, changed or not listed, a field
+    edited by hand, or a manifest too old to list every file. Verify, card and push refuse such a folder."""
+
+    hint = "re-run bakeedit apply; do not edit a baked folder by hand (bakeedit card / eval keep it valid)"
 
 
 class DataError(BakeeditError):

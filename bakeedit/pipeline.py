@@ -36,10 +36,14 @@ from bakeedit.export.provenance import (
     Provenance,
     RecipeInfo,
     hash_written_files,
+    local_ref_for,
+    portable_neuron_set,
+    portable_params,
+    read_provenance,
     write_provenance,
 )
 from bakeedit.export.save import save_checkpoint
-from bakeedit.export.staging import check_output, staged_output
+from bakeedit.export.staging import check_output, protected_for_recipe, staged_output
 from bakeedit.export.verify import (
     VerificationResult,
     compare_logits,
@@ -50,7 +54,7 @@ from bakeedit.export.verify import (
 from bakeedit.locate import LocateContext, run_locate
 from bakeedit.models.embedded import cache_root
 from bakeedit.models.load import LoadedModel, load_model
-from bakeedit.neurons import NeuronSet
+from bakeedit.neurons import NeuronSet, check_neuron_count, check_origin
 from bakeedit.recipe import LoadedRecipe
 
 NEURONS_FILE = "neurons.json"
@@ -77,21 +81,32 @@ def _timed(timings: dict[str, float], step: str, report: Reporter) -> Iterator[N
 
 
 def resolve_neurons(lr: LoadedRecipe, loaded: LoadedModel, progress=None) -> NeuronSet:
-    """The recipe's neurons: an explicit list, a neurons.json, or the result of its ``locate:`` method."""
+    """The recipe's neurons: an explicit list, a neurons.json, or the result of its ``locate:`` method.
+
+    A list longer than the model has neurons is refused right after loading (when the model's config.json was not
+    local, ``load_recipe`` could not check it before); a neurons.json located on another model is refused unless
+    the recipe sets ``allow_foreign_neurons: true``.
+    """
     recipe = lr.recipe
+    model_id, revision = loaded.source.base_model or loaded.source.ref, loaded.source.revision
     if recipe.neurons is not None:
+        check_neuron_count(len(recipe.neurons), loaded.layout, f"{lr.path}: neurons", f"'{model_id}'")
         return NeuronSet(
             method="explicit",
             params={"recipe": lr.path.name},  # a name, not a local path: the card is public
-            model_id=loaded.source.base_model or loaded.source.ref,
-            model_revision=loaded.source.revision,
+            model_id=model_id,
+            model_revision=revision,
             neurons=recipe.neurons,
         )
     if recipe.neurons_file is not None:
         path = lr.resolve(recipe.neurons_file)
         if not path.is_file():
             raise RecipeError(f"{lr.path}: neurons_file: no such file '{path}'")
-        return NeuronSet.load(path)
+        neuron_set = NeuronSet.load(path)
+        check_neuron_count(len(neuron_set.neurons), loaded.layout, str(path), f"'{model_id}'")
+        if not recipe.allow_foreign_neurons:
+            check_origin(neuron_set, model_id, revision, str(path))
+        return neuron_set
     assert recipe.locate is not None
     ctx = LocateContext(cache_dir=cache_root() / "locate", progress=progress, base_dir=lr.path.parent)
     return run_locate(recipe.locate, loaded, ctx, source=str(lr.path))
@@ -142,7 +157,8 @@ def apply_recipe(
     ``in_memory=True`` folds the loaded model and saves it instead.
     """
     recipe = lr.recipe
-    out = check_output(out, overwrite)
+    # -o may not be (or contain) the recipe's, the neurons file's or the base model's folder, nor ., $HOME, /
+    out = check_output(out, overwrite, protected_for_recipe(lr))
     timings: dict[str, float] = {}
     if evaluate and recipe.evaluate is not None and recipe.evaluate.tasks:
         try:
@@ -203,6 +219,7 @@ def apply_recipe(
                 f"{verification.max_abs_logit_delta:.3g} > tolerance {verification.tolerance:.3g}",
                 hint="nothing was written; run with --debug and report the recipe if this is float32",
             )
+        neuron_set = _portable_neurons(neuron_set, loaded, out)  # no absolute local path in a published file
         neuron_set.save(tmp / NEURONS_FILE)
         (tmp / RECIPE_FILE).write_text(lr.text)
         evaluation = None
@@ -212,11 +229,12 @@ def apply_recipe(
                 evaluation = write_evaluation(tmp, merge_runs(before, after), control)
         provenance = Provenance(
             recipe=RecipeInfo(
-                path=str(lr.path), sha256=lr.sha256, text=lr.text,
-                data=recipe.model_dump(mode="json", by_alias=True, exclude_none=True),
+                path=lr.path.name, sha256=lr.sha256, text=lr.text,  # the name: no local path in a public file
+                data=_recipe_record(lr),
             ),
             base_model=BaseModelInfo(
-                ref=loaded.source.ref, kind=loaded.source.kind, hub_id=loaded.source.base_model,
+                ref=local_ref_for(loaded.source.ref, loaded.source.kind, out), kind=loaded.source.kind,
+                hub_id=loaded.source.base_model,
                 revision=loaded.source.revision, license=loaded.source.license,
                 input_sha256=loaded.source.hash_inputs(),
             ),
@@ -234,34 +252,61 @@ def apply_recipe(
             evaluation=evaluation,
         )
         write_provenance(tmp, provenance)
-        with _timed(timings, "write model card", report):
-            write_card(tmp, local_name=out.name)
+        with _timed(timings, "write model card", report):  # the card and heat map join the manifest
+            write_card(tmp, local_name=out.name, check=False)
+        provenance = read_provenance(tmp)
     return ApplyResult(out=out, provenance=provenance, timings_s=timings)
 
 
+#: Recipe fields ``load_recipe`` makes absolute; ``bakeedit.json`` records them as the recipe file spells them.
+_RECIPE_PATHS = (("model", "id"), ("neurons_file",), ("edit", "fit", "data"), ("evaluate", "data_dir"))
+
+
+def _recipe_record(lr: LoadedRecipe) -> dict:
+    """The recipe as run (with ``--eval-limit``), its paths as written in the file (relative to the recipe),
+    not as resolved on this machine: the record is published, and its edit must equal the text's."""
+    import yaml
+
+    from bakeedit.recipe import parse_recipe
+
+    data = lr.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+    written = parse_recipe(yaml.safe_load(lr.text), lr.path.name).model_dump(mode="json", by_alias=True,
+                                                                             exclude_none=True)
+    for keys in _RECIPE_PATHS:
+        source, target = written, data
+        for key in keys[:-1]:
+            source, target = source.get(key) or {}, target.get(key)
+            if not isinstance(target, dict):
+                break
+        else:
+            if keys[-1] in source:
+                target[keys[-1]] = source[keys[-1]]
+    return data
+
+
+def _portable_neurons(neuron_set: NeuronSet, loaded: LoadedModel, out: Path) -> NeuronSet:
+    return portable_neuron_set(neuron_set, loaded.source.ref, loaded.source.kind, out)
+
+
 def _fit_record(fit: FitReport | None) -> dict | None:
-    return None if fit is None else fit.model_dump(mode="json")
+    """The fit as recorded: every point tried; its data file by name only (the record is published)."""
+    if fit is None:
+        return None
+    record = fit.model_dump(mode="json")
+    record["data"] = portable_params(record.get("data") or {})
+    return record
 
 
 def verify_output(folder: Path, base: str | None = None, tolerance: float | None = None) -> VerificationResult:
-    """Re-run the verification of a written folder: file hashes, then baked vs runtime-hooked base logits."""
-    from bakeedit.export.provenance import check_file_hashes, read_provenance
+    """Re-run the verification of a written folder: the manifest (every file, the record's own digest, the plan
+    against the recipe: ``provenance.check_folder``), then baked vs runtime-hooked base logits."""
+    from bakeedit.export.provenance import check_folder
     from bakeedit.recipe import ModelSpec
 
     folder = Path(folder)
-    provenance = read_provenance(folder)
-    changed = check_file_hashes(folder, provenance)
-    if changed:
-        raise VerificationError(
-            f"{folder}: files changed since they were written: {', '.join(changed)}",
-            hint="re-run bakeedit apply; do not edit a baked folder by hand",
-        )
+    provenance = check_folder(folder)
     spec = ModelSpec.model_validate(provenance.recipe.data["model"])
-    ref = base or provenance.base_model.ref
-    recipe_dir = Path(provenance.recipe.path).parent
-    if base is None and provenance.base_model.kind == "local" and not Path(ref).is_absolute():
-        ref = str(recipe_dir / ref)
-    spec = spec.model_copy(update={"id": ref, "dtype": provenance.dtype})
+    spec = spec.model_copy(update={"id": _base_ref(provenance, base, folder), "dtype": provenance.dtype})
     loaded = load_model(spec)
     prompts = provenance.recipe.data.get("verify", {}).get("prompts")
     inputs = probe_inputs(loaded.tokenizer, prompts, loaded.model.config)
@@ -269,3 +314,19 @@ def verify_output(folder: Path, base: str | None = None, tolerance: float | None
         reference = probe_logits(loaded.model, inputs)
     result, _ = verify_against_runtime(reference, folder, loaded, tolerance, prompts, inputs)
     return result
+
+
+def _base_ref(provenance: Provenance, base: str | None, folder: Path) -> str:
+    """The base model to compare with: ``--base``, else the recorded reference. A local path is recorded relative
+    to the baked folder (no absolute path is written), so it is found from any working directory while the two
+    keep their places; one not found there (nor from the current folder) is an error asking for ``--base``."""
+    from bakeedit.export.provenance import base_location
+
+    found = base if base is not None else base_location(provenance, folder)
+    if found is not None:
+        return found
+    what = "folder" if provenance.base_model.kind == "local" else "file"
+    raise VerificationError(
+        f"bakeedit.json: base_model.ref '{provenance.base_model.ref}': no such {what} relative to {folder} (nor to "
+        f"{Path.cwd()})", hint="the base model moved: pass --base with its location",
+    )

@@ -2,21 +2,45 @@
 
 Recipes are data, read with ``yaml.safe_load`` and validated by the pydantic schema below; an error names the
 file, the field and what is allowed. The schema is documented in ``recipes/README.md``.
+
+Everything that can be checked without the model is checked when the recipe is read, so a typo costs a second, not
+a model load and a locate: numbers are strict (``lambda: true`` or ``"2"`` is an error, see ``bakeedit/neurons.py``),
+devices and shard sizes are parsed by the same code that will use them, the file is at most
+:data:`MAX_RECIPE_BYTES`, and :func:`load_recipe` resolves every relative path against the recipe's folder (what
+``recipes/README.md`` promises, whatever the working directory) and checks that the files it names exist.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bakeedit.errors import RecipeError
 from bakeedit.models.arch import SITES
-from bakeedit.neurons import Neuron, format_validation_error
+from bakeedit.neurons import Integer, Neuron, Number, format_validation_error, strict_number
+
+#: A recipe is a page of YAML; a bigger file is a mistake (a data file passed as the recipe, a pasted dump).
+MAX_RECIPE_BYTES = 1_000_000
+#: ``org/name``: what a recipe's relative ``model.id`` is taken for when no such path exists beside the recipe.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -25,15 +49,70 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def check_device(name: str) -> str:
+    """``auto`` or a device torch can parse and this machine has: ``model.device: tpu`` or ``cuda`` on a machine
+    without one fails when the recipe is read, not after the model was loaded on the CPU."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"'{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"'{name}' requested but this machine has no CUDA device; use auto or cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"'{name}' requested but this machine has {count} CUDA device(s): cuda:0-cuda:{count - 1}")
+        return name
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"'{name}' requested but MPS is not available on this machine; use auto or cpu")
+        return name
+    raise ValueError(f"'{name}': bakeedit runs models on cpu, cuda or mps, not {device.type}")
+
+
+def shard_size_bytes(size: str) -> int:
+    """``2GB`` -> bytes, with the parser ``save_pretrained`` applies to ``max_shard_size`` (huggingface_hub's), so a
+    size it would refuse after locate and fold is refused when the recipe is read."""
+    try:
+        from huggingface_hub.serialization._base import parse_size_to_int as parse
+    except ImportError:  # an older huggingface_hub: transformers' own parser
+        from transformers.utils.hub import convert_file_size_to_int as parse
+    try:
+        value = int(parse(size))
+    except (ValueError, TypeError):
+        raise ValueError(f"'{size}' is not a size; write a number and a unit, e.g. 2GB, 500MB or 20KB") from None
+    if value <= 0:
+        raise ValueError(f"'{size}' is not a positive size; e.g. 2GB")
+    return value
+
+
 class ModelSpec(_Strict):
-    """Which model to load and how. ``id`` is a Hub id, a local folder, a ``.gguf`` file or ``embedded``."""
+    """Which model to load and how. ``id`` is a Hub id, a local folder, a ``.gguf`` file or ``embedded``.
+
+    ``hub_only`` (set by :func:`load_recipe`, not part of the schema) says ``id`` was looked for beside the recipe,
+    not found, and is therefore a Hub id: the loader must not try it as a folder relative to the working directory.
+    """
 
     id: str
     revision: str | None = None
     dtype: DType = "auto"
     device: str = "auto"
     device_map: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = False
+    _hub_only: bool = PrivateAttr(default=False)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        return check_device(device)
+
+    @property
+    def hub_only(self) -> bool:
+        return self._hub_only
 
 
 def _finite(value: float, what: str = "lambda") -> float:
@@ -45,8 +124,17 @@ def _finite(value: float, what: str = "lambda") -> float:
 EditType = Literal["scale", "nonlinear"]
 MapName = Literal["tanh_gain", "sigmoid_gain", "power"]
 Positions = Literal["all", "last"]
+
+
+def _strict_param(value: Any) -> Any:
+    """A map parameter: refuse a bool or a string, also inside a per-neuron list, before the union sees it."""
+    for v in value if isinstance(value, list) else [value]:
+        strict_number(v)
+    return value
+
+
 #: A map parameter: one value for every neuron of the rule, or a list with one value per neuron (in list order).
-ParamValue = float | list[float]
+ParamValue = Annotated[float | list[float], BeforeValidator(_strict_param)]
 
 
 def _finite_params(params: dict[str, ParamValue] | None) -> dict[str, ParamValue] | None:
@@ -98,13 +186,13 @@ class EditOverride(_Strict):
     """
 
     sites: list[str] | None = None
-    layers: list[int] | None = None
+    layers: list[Integer] | None = None
     type: EditType | None = None
-    lambda_: float | None = Field(default=None, alias="lambda")
+    lambda_: Number | None = Field(default=None, alias="lambda")
     map: MapName | None = None
     params: dict[str, ParamValue] | None = None
     positions: Positions | None = None
-    start: int | None = Field(default=None, ge=0)
+    start: Integer | None = Field(default=None, ge=0)
 
     @field_validator("sites")
     @classmethod
@@ -147,13 +235,13 @@ class FitSpec(_Strict):
     unedited model's is an error, not a checkpoint.
     """
 
-    grid: dict[str, list[float]]
-    budget: float = Field(default=0.05, ge=0)
+    grid: dict[str, list[Number]]
+    budget: Number = Field(default=0.05, ge=0)
     data: str | None = None
     split: str = "locate"
     categories: list[str] | None = None
-    max_items: int | None = Field(default=8, gt=0)
-    require_reduction: bool = True
+    max_items: Integer | None = Field(default=8, gt=0)
+    require_reduction: StrictBool = True
 
     @field_validator("grid")
     @classmethod
@@ -174,11 +262,11 @@ class EditSpec(_Strict):
     the weights; the rest is saved as a small custom module (docs/nonlinear.md)."""
 
     type: EditType = "scale"
-    lambda_: float = Field(default=2.0, alias="lambda")
+    lambda_: Number = Field(default=2.0, alias="lambda")  # negative: the activation's sign is flipped (and scaled)
     map: MapName | None = None
     params: dict[str, ParamValue] = Field(default_factory=dict)
     positions: Positions = "all"
-    start: int = Field(default=0, ge=0)
+    start: Integer = Field(default=0, ge=0)
     overrides: list[EditOverride] = Field(default_factory=list)
     fit: FitSpec | None = None
 
@@ -267,8 +355,19 @@ class LocateSpec(BaseModel):
 class VerifySpec(_Strict):
     """How the baked checkpoint is checked against the runtime edit."""
 
-    tolerance: float | None = Field(default=None, gt=0)
+    tolerance: Number | None = Field(default=None, gt=0)
     prompts: list[str] | None = None
+
+    @field_validator("prompts")
+    @classmethod
+    def _some_prompts(cls, prompts: list[str] | None) -> list[str] | None:
+        if prompts is not None and not prompts:
+            raise ValueError("an empty list would verify nothing; list at least one prompt, or leave prompts out "
+                             "for the default five")
+        for i, prompt in enumerate(prompts or []):
+            if not prompt.strip():
+                raise ValueError(f"prompt {i} is empty; every probe prompt needs text")
+        return prompts
 
 
 class ExportSpec(_Strict):
@@ -277,15 +376,22 @@ class ExportSpec(_Strict):
 
     max_shard_size: str | None = None  # None: the base's shards when streaming, "2GB" in memory
 
+    @field_validator("max_shard_size")
+    @classmethod
+    def _a_size(cls, size: str | None) -> str | None:
+        if size is not None:
+            shard_size_bytes(size)
+        return size
+
 
 class EvaluateSpec(_Strict):
     """Evaluations run on the base model, the edited model and a random-neuron control."""
 
     tasks: list[str] = Field(default_factory=list)
-    limit: int | None = Field(default=None, gt=0)
-    seed: int = 0
+    limit: Integer | None = Field(default=None, gt=0)
+    seed: Integer = 0
     data_dir: str | None = None
-    control: bool = True
+    control: StrictBool = True
 
 
 class Recipe(_Strict):
@@ -294,6 +400,8 @@ class Recipe(_Strict):
     model: ModelSpec
     neurons: list[Neuron] | None = None
     neurons_file: str | None = None
+    #: Use a ``neurons_file`` located on another model (its ``model_id``/revision differ): refused unless set.
+    allow_foreign_neurons: StrictBool = False
     locate: LocateSpec | None = None
     edit: EditSpec = Field(default_factory=EditSpec)
     verify: VerifySpec = Field(default_factory=VerifySpec)
@@ -343,15 +451,140 @@ def parse_recipe(raw: Any, source: str) -> Recipe:
         ) from exc
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
-    """Read and validate a recipe file; every failure is a :class:`RecipeError` naming the file."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The recipe's text, reading at most :data:`MAX_RECIPE_BYTES` + 1 bytes: a huge file (or a device such as
+    ``/dev/zero``) is refused before it is read into memory or parsed."""
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise _too_big(path, size)
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_RECIPE_BYTES + 1)
     except FileNotFoundError as exc:
         raise RecipeError(f"{path}: no such recipe file") from exc
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
+    except IsADirectoryError as exc:
         raise RecipeError(f"{path}: not a readable YAML text file") from exc
+    if len(data) > MAX_RECIPE_BYTES:
+        raise _too_big(path, None)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not a readable YAML text file") from exc
+
+
+def _too_big(path: Path, size: int | None) -> RecipeError:
+    what = f"{size:,} bytes" if size is not None else "more than that"
+    return RecipeError(
+        f"{path}: a recipe is at most {MAX_RECIPE_BYTES:,} bytes (1 MB); this file has {what}",
+        hint="is this the recipe? list many neurons in a neurons_file (JSON) instead of the recipe",
+    )
+
+
+def _resolve_ref(value: str, folder: Path, hub_ok: bool) -> tuple[str, bool]:
+    """``(the path it names, whether it exists)``: absolute as written, else relative to ``folder`` (the recipe's);
+    or, if ``hub_ok`` and nothing of that name is beside the recipe, ``value`` itself (an ``org/name`` Hub id)."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path), path.exists()
+    beside = os.path.normpath(folder / path)  # lexically: "../models/base" reads as the folder it names
+    if os.path.exists(beside):
+        return beside, True
+    if hub_ok and HUB_ID.match(value):
+        return value, False
+    return beside, False
+
+
+def _from_here(value: str, resolved: str) -> str:
+    """What a consumer that opens paths from the working directory must be given: ``resolved`` relative to it.
+
+    Not the absolute path, on purpose: ``bakeedit.json`` records the model reference and the recipe's data, and a
+    published file must not hold the machine's paths; relative to the working directory, ``bakeedit verify`` run
+    where ``apply`` ran finds the same base. A path written absolute stays as written."""
+    if Path(value).expanduser().is_absolute():
+        return value
+    try:
+        return os.path.relpath(resolved)
+    except (OSError, ValueError):  # no working directory any more, or another drive: the absolute path works
+        return resolved
+
+
+def _resolve_model(recipe: Recipe, folder: Path, source: str) -> None:
+    """``model.id`` against the recipe's folder: an existing path wins, ``org/name`` is a Hub id, anything else is
+    an error now (before a model loads) that says where it was looked for."""
+    from bakeedit.models.embedded import EMBEDDED_ALIASES  # bakeedit.models.load imports this module
+
+    spec, ref = recipe.model, recipe.model.id
+    if ref in EMBEDDED_ALIASES:
+        return
+    resolved, exists = _resolve_ref(ref, folder, hub_ok=not ref.endswith(".gguf"))
+    if resolved == ref and not exists and not Path(ref).expanduser().is_absolute():
+        spec._hub_only = True  # an org/name with no such path beside the recipe: the cwd is never consulted
+        return
+    if not exists:
+        kind = "GGUF file" if resolved.endswith(".gguf") else "model folder"
+        raise RecipeError(
+            f"{source}: model.id: unknown model '{ref}': no {kind} '{resolved}' (relative paths are relative to the "
+            "recipe's folder), and it is neither the embedded default nor a Hub id 'org/name'",
+            hint="use 'embedded', a path (relative to the recipe), a .gguf file or a Hub id 'org/name'",
+        )
+    spec.id = _from_here(ref, resolved)
+
+
+def _resolve_paths(recipe: Recipe, folder: Path, source: str) -> None:
+    """Every relative path of the recipe means the file beside the recipe, from any working directory.
+
+    ``model.id`` and ``evaluate.data_dir``, which the loader and the evaluation open as given, are rewritten to the
+    same file relative to the working directory (:func:`_from_here`); ``neurons_file`` and ``edit.fit.data`` stay as
+    written, since their readers resolve them with :meth:`LoadedRecipe.resolve`; files that must exist are checked
+    now. Locate methods resolve their own path parameters against the recipe's folder."""
+    _resolve_model(recipe, folder, source)
+    if recipe.neurons_file is not None:
+        path, exists = _resolve_ref(recipe.neurons_file, folder, hub_ok=False)
+        if not exists:
+            raise RecipeError(f"{source}: neurons_file: no such file '{path}' (relative paths are relative to the "
+                              "recipe's folder)", hint="write it with bakeedit locate -o FILE")
+    fit = recipe.edit.fit
+    if fit is not None and fit.data is not None:
+        path, exists = _resolve_ref(fit.data, folder, hub_ok=False)
+        if not exists:
+            raise RecipeError(f"{source}: edit.fit.data: no such file '{path}' (relative paths are relative "
+                              "to the recipe's folder)")
+    evaluate = recipe.evaluate
+    if evaluate is not None and evaluate.data_dir is not None:
+        # a missing folder is reported by the task that needs it (it may also be a dataset id, or unused: --no-eval)
+        path, exists = _resolve_ref(evaluate.data_dir, folder, hub_ok=True)
+        if path != evaluate.data_dir or exists:
+            evaluate.data_dir = _from_here(evaluate.data_dir, path)
+
+
+def _embedded_aliases() -> tuple[str, ...]:
+    from bakeedit.models.embedded import EMBEDDED_ALIASES
+
+    return EMBEDDED_ALIASES
+
+
+def _check_neuron_count(recipe: Recipe, source: str) -> None:
+    """An explicit list longer than the model has neurons, refused before the model loads when its folder is
+    local (the count comes from config.json); otherwise ``resolve_neurons`` checks right after loading."""
+    if recipe.neurons is None or recipe.model.hub_only or recipe.model.id in _embedded_aliases():
+        return
+    from bakeedit.models.load import local_layout
+    from bakeedit.neurons import check_neuron_count
+
+    layout = local_layout(Path(recipe.model.id))
+    if layout is not None:
+        check_neuron_count(len(recipe.neurons), layout, f"{source}: neurons", f"'{recipe.model.id}'")
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Read and validate a recipe file; every failure is a :class:`RecipeError` naming the file.
+
+    Relative paths mean the files beside the recipe (see :func:`_resolve_paths`; ``text`` keeps the file as
+    written), and a local model folder's ``config.json`` is read, so a malformed one or a neuron list longer than
+    the model fails here, before any weights load.
+    """
+    path = Path(path)
+    text = _read_text(path)
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -360,6 +593,9 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise RecipeError(f"{path}: malformed YAML{at}: {problem}") from exc
     recipe = parse_recipe(raw, str(path))
+    resolved = path.resolve()
+    _resolve_paths(recipe, resolved.parent, str(path))
+    _check_neuron_count(recipe, str(path))
     return LoadedRecipe(
-        recipe=recipe, path=path.resolve(), text=text, sha256=hashlib.sha256(text.encode()).hexdigest()
+        recipe=recipe, path=resolved, text=text, sha256=hashlib.sha256(text.encode()).hexdigest()
     )

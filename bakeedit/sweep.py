@@ -15,12 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bakeedit import __version__
 from bakeedit.edit import build_plan
 from bakeedit.errors import RecipeError
 from bakeedit.evaluate.report import ideal_of, primary_metric, write_results
 from bakeedit.evaluate.runner import EvalRun, evaluate_models, with_runtime_edit
 from bakeedit.evaluate.tasks.base import TaskResult
-from bakeedit.export.staging import check_output, staged_output
+from bakeedit.export.staging import check_output, protected_for_recipe, staged_output
 from bakeedit.models.load import load_model
 from bakeedit.pipeline import resolve_neurons
 from bakeedit.recipe import EditSpec, LoadedRecipe
@@ -117,7 +118,7 @@ def sweep_recipe(
     tasks = tasks or (evaluate.tasks if evaluate else None)
     if not tasks:
         raise RecipeError(f"{lr.path}: evaluate.tasks is empty", hint="add evaluate.tasks or pass --tasks")
-    out = check_output(out, overwrite)
+    out = check_output(out, overwrite, protected_for_recipe(lr))
     report("load model")
     loaded = load_model(lr.recipe.model)
     report("locate neurons" if lr.recipe.locate else "read neurons")
@@ -143,6 +144,8 @@ def sweep_recipe(
         plot_tradeoff(points, tmp / "tradeoff.png", bias.label, f"{capability.task} {capability.metric}")
         (tmp / "sweep.md").write_text(render_sweep_md(points, bias, capability))
         (tmp / "sweep.json").write_text(json.dumps({
+            # bakeedit_version + format_version: the marker by which --overwrite knows the folder is bakeedit's
+            "bakeedit_version": __version__, "format_version": 1, "kind": "sweep",
             "recipe": str(lr.path), "recipe_sha256": lr.sha256, "lambdas": list(dict.fromkeys(lambdas)),
             "bias_axis": asdict(bias), "capability_axis": asdict(capability),
             "points": [asdict(p) for p in points], "pareto": [p.lam for p in pareto_front(points)],

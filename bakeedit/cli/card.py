@@ -16,8 +16,9 @@ from bakeedit.export.card import write_card
 def card_command(folder: Path, repo_id: str | None) -> None:
     """Rewrite FOLDER/README.md from bakeedit.json, eval/results.json and the files (atomic write).
 
-    The card is not among the hashed files, so regenerating it keeps `bakeedit verify` passing.
+    Every other file must still match bakeedit.json (the folder is refused, untouched, otherwise); the new card's
+    and heat map's hashes are then recorded there, so `bakeedit verify` keeps passing.
     """
     path = write_card(folder, repo_id=repo_id)
-    console.print(f"[green]card written[/]: {path}")
+    console.print(f"[green]card written[/]: {path}; bakeedit.json records its sha256")
     click.echo(str(path))

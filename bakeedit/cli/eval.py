@@ -10,11 +10,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bakeedit import parallel
+from bakeedit.apply_eval import check_before_eval, record_evaluation
 from bakeedit.cli.main import console
 from bakeedit.errors import BakeeditError, OutputExistsError, RecipeError
 from bakeedit.evaluate.report import RESULTS_FILE, fmt, ordered_labels, primary_metric, write_results
 from bakeedit.evaluate.runner import EvalRun, ModelRef, evaluate_models, with_runtime_edit
 from bakeedit.evaluate.tasks.base import DATA_DIR_ENV
+from bakeedit.export.staging import check_output_file, is_results_file, staged_into
+
+RESULTS_WHAT = "results file"
 
 
 def _load(ref: str, device_map: str | None = None, trust_remote_code: bool = False) -> Any:
@@ -54,13 +58,50 @@ def _provenance(model_ref: str) -> Any:
     return read_provenance(folder) if (folder / PROVENANCE_FILE).is_file() else None
 
 
+def _recorded_base(prov: Any, folder: Path) -> str:
+    """MODEL's base model from its bakeedit.json (a local path there is relative to the folder)."""
+    from bakeedit.export.provenance import base_location
+
+    found = base_location(prov, folder)
+    if found is None:
+        raise RecipeError(f"{folder}/bakeedit.json: base_model.ref '{prov.base_model.ref}': no such model relative "
+                          "to the folder (it moved)", hint="pass --baseline with the base model's location")
+    return found
+
+
 def _output_folder(out: Path | None, model: str, overwrite: bool) -> Path:
+    """Before any model is loaded: OUT is a folder, and an existing results.json in it is replaced only with
+    --overwrite and only if bakeedit wrote it (OUT may hold other files: they are never touched)."""
     if out is None:
         if not Path(model).is_dir():
             raise RecipeError("-o/--out is required when MODEL is not a local folder")
         out = Path(model) / "eval"
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output '{out}' exists and is not a folder", hint="-o names the folder of the report")
     if (out / RESULTS_FILE).exists() and not overwrite:
         raise OutputExistsError(f"{out} already holds {RESULTS_FILE}")
+    check_output_file(out / RESULTS_FILE, overwrite, is_results_file, RESULTS_WHAT)
+    return out
+
+
+def _write(out: Path, run: EvalRun, overwrite: bool) -> Path:
+    """results.json, report.md and plots/ appear complete or not at all (staged inside OUT, moved in file by file,
+    results.json last); an interrupt removes the staged files."""
+    with staged_into(out, RESULTS_FILE, overwrite, is_results_file, RESULTS_WHAT) as tmp:
+        report = write_results(tmp, run)
+    return out / report.relative_to(tmp)
+
+
+def _portable(info: dict[str, Any]) -> dict[str, Any]:
+    """A model's description with every existing local path it names (MODEL, --baseline, --control) cut to the
+    file or folder name, for results written into a folder that is published."""
+    out = dict(info)
+    paths = {v for v in info.values() if isinstance(v, str) and Path(v).is_absolute() and Path(v).exists()}
+    for key, value in info.items():
+        if isinstance(value, str):
+            for path in sorted(paths, key=len, reverse=True):
+                value = value.replace(path, Path(path).name)
+            out[key] = value
     return out
 
 
@@ -113,6 +154,7 @@ def eval_command(model: str, tasks: str, limit: int | None, seed: int, data_dir:
     the baseline with the control neurons edited at run time.
     """
     out = _output_folder(out, model, overwrite)
+    baked = check_before_eval(out)  # into a baked folder: the rest of it must match bakeedit.json
     click.get_current_context().with_resource(parallel.distributed())  # torchrun: split the items, rank 0 writes
     if data_dir is not None and not data_dir.is_dir():
         raise BakeeditError(f"--data-dir: no such folder '{data_dir}'")
@@ -120,7 +162,7 @@ def eval_command(model: str, tasks: str, limit: int | None, seed: int, data_dir:
         prov = _provenance(model)
         if prov is None:
             raise RecipeError("--control needs --baseline (the model the control neurons are edited in)")
-        baseline = prov.base_model.ref
+        baseline = _recorded_base(prov, Path(model))
     models: dict[str, ModelRef] = {}
     descriptions: dict[str, dict[str, Any]] = {}
     with console.status("loading models"):
@@ -150,6 +192,10 @@ def eval_command(model: str, tasks: str, limit: int | None, seed: int, data_dir:
         )
     if not parallel.is_main():
         return
-    path = write_results(out, run)
+    if baked is not None:  # no local path in a published folder: local models by their folder's name
+        run.models = {label: _portable(info) for label, info in run.models.items()}
+    path = _write(out, run, overwrite)
+    if baked is not None:
+        record_evaluation(baked, out, run)  # the new files join bakeedit.json, so verify/card/push still pass
     console.print(_summary(run))
     click.echo(str(path))

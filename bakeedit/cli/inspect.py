@@ -6,11 +6,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from bakeedit.cli.main import console
+from bakeedit.errors import ManifestError
 from bakeedit.export.card import HEATMAP_FILE
-from bakeedit.export.provenance import read_provenance
+from bakeedit.export.provenance import check_folder, read_provenance
 from bakeedit.locate.heatmap import rich_heatmap, save_heatmap_png
 from bakeedit.models.arch import SITES, ModelLayout
 
@@ -36,6 +38,18 @@ def _print_module_groups(prov) -> None:
     if info is not None:
         console.print(f"{info.module_file}: {info.module_lines} lines, sha256 {info.module_sha256}; "
                       f"loads with trust_remote_code=True (model_type {info.model_type})")
+
+
+def _print_manifest(folder: Path) -> None:
+    """Whether the folder holds exactly the files bakeedit.json lists and the record is intact (no re-hashing:
+    inspect stays quick; `bakeedit verify` compares every sha256)."""
+    try:
+        prov = check_folder(folder, hash_files=False)
+    except ManifestError as exc:
+        console.print(f"[red]manifest: not intact[/]: {escape(str(exc))}", soft_wrap=True)
+        return
+    console.print(f"manifest: {len(prov.files_sha256)} files listed with their sha256, record intact "
+                  "(`bakeedit verify` re-hashes them)")
 
 
 @click.command("inspect")
@@ -99,6 +113,7 @@ def inspect_command(folder: Path, list_neurons: bool, png: Path | None) -> None:
         f"verification: {'[green]passed[/]' if ver.passed else '[red]FAILED[/]'} max |delta logit| "
         f"{ver.max_abs_logit_delta:.2e} <= {ver.tolerance:.1e} over {ver.n_tokens} tokens ({ver.dtype})"
     )
+    _print_manifest(folder)
     if list_neurons:
         detail = Table(title="neurons", title_justify="left")
         for col in ("layer", "site", "index", "channel", "lambda", "score"):

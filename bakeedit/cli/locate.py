@@ -8,7 +8,6 @@ whose parameters have a ``report`` field left unset by the recipe, the method's 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -18,12 +17,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bakeedit import parallel
 from bakeedit.cli.main import console
 from bakeedit.errors import OutputExistsError, RecipeError
+from bakeedit.export.provenance import portable_neuron_set
+from bakeedit.export.staging import check_output_file, is_neurons_file, staged_file
 from bakeedit.locate import LocateContext, run_locate
 from bakeedit.locate.heatmap import rich_heatmap, save_heatmap_png
 from bakeedit.locate.registry import validate_params
 from bakeedit.models.embedded import cache_root
 from bakeedit.models.load import load_model
 from bakeedit.recipe import LocateSpec, load_recipe
+
+NEURONS_WHAT = "neurons file"
 
 
 def _with_report(spec: LocateSpec, out: Path, source: str) -> LocateSpec:
@@ -34,14 +37,21 @@ def _with_report(spec: LocateSpec, out: Path, source: str) -> LocateSpec:
     return spec
 
 
-def _write_atomic(neuron_set, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
+def _check_out(out: Path, overwrite: bool) -> Path:
+    """Before the model is loaded: ``-o`` names a file, and replaces only a neurons file bakeedit wrote. The heat
+    map goes beside it (``neurons.png``): an existing one is replaced only with --overwrite."""
+    out = check_output_file(out, overwrite, is_neurons_file, NEURONS_WHAT)
+    png = out.with_suffix(".png")
+    if png.exists() and not overwrite:
+        raise OutputExistsError(f"output '{png}' (the heat map of -o) already exists",
+                                hint="pass --overwrite to replace it, or choose another -o file")
+    return out
+
+
+def _write_atomic(neuron_set, out: Path, overwrite: bool) -> None:
+    """Complete or not at all: a temporary beside ``out``, fsync-ed and renamed (removed on any error or signal)."""
+    with staged_file(out, overwrite, is_neurons_file, NEURONS_WHAT) as tmp:
         neuron_set.save(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @click.command("locate")
@@ -61,8 +71,7 @@ def locate_command(recipe: Path, out: Path, cache_dir: Path | None, overwrite: b
             hint="add e.g. 'locate: {method: coco}' (methods: knowbias, ine, coco, random), or use bakeedit apply "
             "for recipes with neurons or neurons_file",
         )
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} exists", hint="pass --overwrite to replace it, or choose another -o file")
+    _check_out(out, overwrite)
     spec = _with_report(spec, out, str(lr.path))  # also validates the parameters before the model is loaded
 
     click.get_current_context().with_resource(parallel.distributed())  # torchrun: split the items, rank 0 writes
@@ -78,7 +87,9 @@ def locate_command(recipe: Path, out: Path, cache_dir: Path | None, overwrite: b
     locate_s = time.perf_counter() - start - loaded_s
     if not parallel.is_main():
         return
-    _write_atomic(neuron_set, out)
+    # model and side report recorded relative to the file: a neurons.json travels and is published, machine paths not
+    neuron_set = portable_neuron_set(neuron_set, loaded.source.ref, loaded.source.kind, out.parent)
+    _write_atomic(neuron_set, out, overwrite)
     layout = loaded.layout
     sites = [s for s in layout.sites if s in {n.site for n in neuron_set.neurons}]
     png = save_heatmap_png(neuron_set, layout.n_layers, sites, out.with_suffix(".png"),

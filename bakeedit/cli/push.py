@@ -9,7 +9,7 @@ from rich.table import Table
 
 from bakeedit.cli.main import console
 from bakeedit.export.card import CARD_FILE
-from bakeedit.export.hub import UploadPlan, plan_push, push_folder
+from bakeedit.export.hub import UploadPlan, check_push, push_folder
 
 
 def _size(n: int) -> str:
@@ -37,19 +37,24 @@ def _plan_table(plan: UploadPlan, repo_id: str, revision: str | None) -> Table:
 @click.option("--private", is_flag=True, help="Create the repository as private (an existing one keeps its setting).")
 @click.option("--revision", default=None, help="Branch to commit to (created from main if missing) [default: main].")
 @click.option("--commit-message", default=None, help="Commit summary [default: recipe name, method, neurons].")
-@click.option("--dry-run", is_flag=True, help="Check the folder and list what would be uploaded; send nothing.")
+@click.option("--dry-run", is_flag=True, help="Run every check of the push, list what it would upload; send nothing.")
 def push_command(folder: Path, repo_id: str, private: bool, revision: str | None, commit_message: str | None,
                  dry_run: bool) -> None:
-    """Re-check FOLDER's file hashes against bakeedit.json, then create REPO_ID (if needed) and upload FOLDER.
+    """Re-check FOLDER against bakeedit.json (every file, its digest, the plan), then create REPO_ID (if needed)
+    and upload FOLDER in one commit that also deletes the branch's files FOLDER lacks.
 
     The token comes from huggingface_hub's usual places (HF_TOKEN, or `hf auth login`); it is never printed.
-    HF_ENDPOINT selects another Hub-compatible server.
+    HF_ENDPOINT selects another Hub-compatible server. --dry-run runs every check the push runs before sending.
     """
     if dry_run:
-        plan = plan_push(folder)
+        plan, notes = check_push(folder, repo_id)
         console.print(_plan_table(plan, repo_id, revision))
-        console.print("[green]checked[/]: verification passed and every recorded file matches its sha256; "
-                      "nothing was sent (dry run)", soft_wrap=True)
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        console.print("[green]checked[/]: verification passed, every file matches bakeedit.json, no pickle or "
+                      "foreign code" + (", no file holds your token" if not any("logged in" in n for n in notes)
+                                        else "") + "; the push would also delete the branch's files this folder "
+                      "lacks; nothing was sent (dry run)", soft_wrap=True)
         return
     # Steps as plain lines, not a live spinner: huggingface_hub draws its own byte progress bars for the upload.
     result = push_folder(folder, repo_id, private=private, revision=revision, commit_message=commit_message,
@@ -58,7 +63,6 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
                   f"{result.repo_id} ({result.revision}) at commit {result.commit_oid[:12]}; the Hub's tree at that "
                   f"commit matches the local files", soft_wrap=True)
     if result.stale:
-        console.print(f"[yellow]warning:[/] the repository also holds {', '.join(result.stale)} from an earlier push, "
-                      "which this folder does not have; delete them on the Hub or push to a new repository or branch",
-                      soft_wrap=True)
+        console.print(f"[yellow]warning:[/] the commit still holds {', '.join(result.stale)}, which this folder does "
+                      "not have (the server ignored the deletions); delete them on the Hub", soft_wrap=True)
     click.echo(result.commit_url)

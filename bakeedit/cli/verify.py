@@ -1,4 +1,4 @@
-"""``bakeedit verify OUT``: re-check a written folder against its base model with the edit hooked in."""
+"""``bakeedit verify OUT``: re-check a folder against its manifest and its base model with the edit hooked in."""
 
 from __future__ import annotations
 
@@ -16,7 +16,11 @@ from bakeedit.pipeline import verify_output
 @click.option("--base", default=None, help="Base model reference, if it moved since apply (folder, Hub id...).")
 @click.option("--tolerance", type=float, default=None, help="Override the dtype's default tolerance.")
 def verify_command(folder: Path, base: str | None, tolerance: float | None) -> None:
-    """Check file hashes, then compare the checkpoint's logits with the runtime-hooked base model."""
+    """Check every file and field against bakeedit.json, then compare the checkpoint's logits with the
+    runtime-hooked base model.
+
+    A file missing, changed or not listed, or a hand-edited bakeedit.json, is refused before any model is loaded.
+    """
     with console.status("verifying…"):
         result = verify_output(folder, base=base, tolerance=tolerance)
     line = (
@@ -24,5 +28,8 @@ def verify_command(folder: Path, base: str | None, tolerance: float | None) -> N
         f"{result.dtype}, {result.n_tokens} tokens)"
     )
     if not result.passed:
-        raise VerificationError(f"verification failed: {line}")
-    console.print(f"[green]verified[/]: file hashes match; {line}")
+        raise VerificationError(
+            f"{folder}: verification failed: {line}: the weights do not do what bakeedit.json's plan says",
+            hint="the weights were changed after apply (even with their recorded hash): re-run bakeedit apply",
+        )
+    console.print(f"[green]verified[/]: every file matches bakeedit.json; {line}")

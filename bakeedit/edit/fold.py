@@ -40,41 +40,65 @@ class FoldTarget:
     axis: int
 
 
-def feature_axis(layout: ModelLayout, site: str) -> int:
-    """The weight dimension that indexes the site's channels (``[in, out]`` Conv1D weights swap rows and columns)."""
+def feature_axis(layout: ModelLayout, site: str, stored: bool = False) -> int:
+    """The weight dimension that indexes the site's channels (``[in, out]`` Conv1D weights swap rows and columns;
+    a routed expert's fused ``[experts, out, in]`` parameter has them one further, its stored tensor does not)."""
+    smap = layout.site_map(site)
+    if smap.param is not None and not stored:
+        return 1 if smap.axis == "out" else 2
     transposed = layout.spec.transposed_weights
-    if layout.site_map(site).axis == "out":
+    if smap.axis == "out":
         return 1 if transposed else 0
     return 0 if transposed else 1
 
 
-def fold_targets(layout: ModelLayout, group: ScaleGroup, has_bias: bool) -> list[FoldTarget]:
-    """The weight (and, for an output-channel site whose module has one, the bias) that ``group`` scales."""
-    module_name = layout.module_name(group.layer, group.site)
-    targets = [FoldTarget(f"{module_name}.weight", feature_axis(layout, group.site))]
-    if layout.site_map(group.site).axis == "out" and has_bias:
-        targets.append(FoldTarget(f"{module_name}.bias", 0))
+def fold_targets(layout: ModelLayout, group: ScaleGroup, has_bias: bool, stored: bool = False) -> list[FoldTarget]:
+    """The weight (and, for an output-channel site whose module has one, the bias) that ``group`` scales.
+
+    ``stored=True`` names the tensors as checkpoint files hold them (a routed expert's own 2D weight rather than
+    the fused parameter transformers builds on load); the streaming fold and block verification use that.
+    """
+    smap = layout.site_map(group.site)
+    name = layout.weight_name(group.layer, group.site, stored)
+    targets = [FoldTarget(name, feature_axis(layout, group.site, stored))]
+    if smap.axis == "out" and has_bias and smap.param is None:
+        targets.append(FoldTarget(f"{layout.module_name(group.layer, group.site)}.bias", 0))
     return targets
 
 
-def channel_factors(layout: ModelLayout, group: ScaleGroup, width: int) -> torch.Tensor:
+def channel_factors(layout: ModelLayout, group: ScaleGroup, width: int, stored: bool = False) -> torch.Tensor:
     """A float32 vector over a tensor's feature axis of length ``width``: the group's lambdas at its physical
-    channels (fused tensors hold other sites' channels too), 1 everywhere else."""
-    channels = layout.channels(group.site, group.indices)
+    channels (fused tensors hold other sites' channels too), 1 everywhere else.
+
+    For a routed expert's fused parameter it is a ``[experts, width]`` matrix, ones except the expert's row; for
+    its stored tensor (``stored=True``) the channels are the indices themselves (that tensor holds one part).
+    """
+    smap = layout.site_map(group.site)
     factors = scale_vector(group, layout.site_size(group.site))[torch.tensor(group.indices)]
+    channels = torch.tensor(group.indices) if smap.param is not None and stored else layout.channels(
+        group.site, group.indices)
     full = torch.ones(width, dtype=torch.float32)
     full[channels] = factors
-    return full
+    if smap.param is None or stored:
+        return full
+    per_expert = torch.ones(layout.dims.n_experts, width, dtype=torch.float32)
+    per_expert[smap.expert] = full
+    return per_expert
 
 
 def scaled(tensor: torch.Tensor, axis: int, full: torch.Tensor) -> torch.Tensor:
     """``tensor * full`` broadcast along ``axis``, computed in float32 and cast back to ``tensor.dtype``.
 
     The one place the fold's arithmetic lives: the streaming fold calls it on row blocks of a tensor, the in-memory
-    fold on the whole tensor; the product is elementwise, so both give the same bytes.
+    fold on the whole tensor; the product is elementwise, so both give the same bytes. A 2D ``full``
+    (``[experts, width]``) scales a fused expert parameter per expert: its first axis is the tensor's first.
     """
     shape = [1] * tensor.dim()
-    shape[axis] = -1
+    if full.dim() == 2:
+        shape[0] = full.shape[0]
+        shape[axis] = full.shape[1]
+    else:
+        shape[axis] = -1
     work = tensor.to(torch.float32, copy=True)  # a copy even for float32 input, so the product can be in place
     return work.mul_(full.to(tensor.device).view(shape)).to(tensor.dtype)
 
@@ -98,7 +122,11 @@ def fold_plan(model: nn.Module, layout: ModelLayout, plan: EditPlan) -> list[Fol
                 f"{layout.module_name(group.layer, group.site)} is a {type(module).__name__}, which the "
                 f"{layout.spec.name} ArchSpec does not expect (transposed_weights={layout.spec.transposed_weights})"
             )
-        for target in fold_targets(layout, group, getattr(module, "bias", None) is not None):
+        has_bias = getattr(module, "bias", None) is not None
+        # Reported under the names checkpoints store (a routed expert's own tensor, not the fused parameter), so
+        # provenance reads the same whichever path baked the folder.
+        stored_targets = fold_targets(layout, group, has_bias, stored=True)
+        for target, stored in zip(fold_targets(layout, group, has_bias), stored_targets, strict=True):
             tensor = getattr(module, target.name.rsplit(".", 1)[1])
             aliases = shared.get(tensor.data_ptr(), [])
             if len(aliases) > 1:
@@ -109,5 +137,5 @@ def fold_plan(model: nn.Module, layout: ModelLayout, plan: EditPlan) -> list[Fol
                 )
             full = channel_factors(layout, group, tensor.shape[target.axis])
             tensor.data.copy_(scaled(tensor.data, target.axis, full))
-            folded.append(FoldedTensor(target.name, target.axis, len(group.indices)))
+            folded.append(FoldedTensor(stored.name, stored.axis, len(group.indices)))
     return folded

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bakeedit.edit.nonlinear import MAPS, check_params, full_params, linear_lambda
 from bakeedit.errors import EditError, NeuronSetError, UnsupportedArchitecture
-from bakeedit.models.arch import SITES, ModelLayout
+from bakeedit.models.arch import ModelLayout
+from bakeedit.models.spec import site_order
 from bakeedit.neurons import Neuron
 from bakeedit.recipe import EditRule, EditSpec
 
@@ -194,6 +195,13 @@ def build_plan(neurons: list[Neuron], edit: EditSpec, layout: ModelLayout, sourc
         rule_id, rule = edit.rule_for(neuron)
         resolved = _resolve(neuron, rule, counts[rule_id], rule_id, where)
         counts[rule_id] += 1
+        if not resolved.folds and layout.site_map(neuron.site).expert is not None:
+            raise NeuronSetError(
+                f"{where}.site: {neuron.site} is a routed expert, which sees only the tokens routed to it: a "
+                f"{resolved.describe()} edit cannot be carried there",
+                hint="routed experts take linear scales at all positions; edit the shared expert or attention sites "
+                     "for nonlinear or position-scoped edits",
+            )
         previous = chosen.get(neuron.address)
         if previous is not None and previous != resolved:
             if previous.map == resolved.map == "scale" and previous.positions == resolved.positions:
@@ -210,7 +218,6 @@ def build_plan(neurons: list[Neuron], edit: EditSpec, layout: ModelLayout, sourc
 
 
 def _group(chosen: dict[tuple[int, str, int], _NeuronEdit]) -> EditPlan:
-    site_order = {site: i for i, site in enumerate(SITES)}
     folded: dict[tuple[int, str], list[tuple[int, float]]] = defaultdict(list)
     scoped: dict[tuple[int, str, str, str, int], list[tuple[int, _NeuronEdit]]] = defaultdict(list)
     for (layer, site, index), ne in chosen.items():
@@ -219,13 +226,13 @@ def _group(chosen: dict[tuple[int, str, int], _NeuronEdit]) -> EditPlan:
         else:
             scoped[(layer, site, ne.map, ne.positions, ne.start)].append((index, ne))
     groups = []
-    for layer, site in sorted(folded, key=lambda k: (k[0], site_order[k[1]])):
+    for layer, site in sorted(folded, key=lambda k: (k[0], site_order(k[1]))):
         pairs = sorted(folded[(layer, site)])
         groups.append(
             ScaleGroup(layer=layer, site=site, indices=[i for i, _ in pairs], lambdas=[lam for _, lam in pairs])
         )
     module_groups = []
-    for key in sorted(scoped, key=lambda k: (k[0], site_order[k[1]], *k[2:])):
+    for key in sorted(scoped, key=lambda k: (k[0], site_order(k[1]), *k[2:])):
         layer, site, map_name, positions, start = key
         members = sorted(scoped[key], key=lambda m: m[0])
         params = {name: [dict(ne.params)[name] for _, ne in members] for name in MAPS[map_name].params}

@@ -46,7 +46,7 @@ from bakeedit.export.shards import (
     read_bytes,
     write_bytes,
 )
-from bakeedit.export.staging import staged_output
+from bakeedit.export.staging import Protected, staged_output
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.load import LoadedModel
 
@@ -138,12 +138,13 @@ def plan_tensor_edits(
         if bias is None and has_bias and layout.site_map(group.site).axis == "out":
             raise EditError(f"{ckpt.folder}: the model has {module}.bias but the checkpoint does not store it",
                             hint="fold in memory (bakeedit apply --in-memory)")
-        for target in fold_targets(layout, group, has_bias=bias is not None):
+        for target in fold_targets(layout, group, has_bias=bias is not None, stored=True):
             stored = stored_name(ckpt, target.name, layout)
             if stored is None:
                 raise EditError(f"{ckpt.folder}: no tensor {target.name} in the checkpoint",
                                 hint="is the config.json of this folder the one its weights were saved with?")
-            if skeleton is not None and skeleton.converted_on_load(stored):
+            declared = layout.site_map(group.site).stored is not None  # per-expert tensors fused on load: known
+            if skeleton is not None and skeleton.converted_on_load(stored) and not declared:
                 raise EditError(f"transformers rewrites {stored} when it loads this checkpoint; streaming cannot "
                                 "mirror that", hint="fold in memory (bakeedit apply --in-memory)")
             aliases = [a for a in (skeleton.aliases if skeleton else {}).get(target.name, []) if a != target.name]
@@ -159,7 +160,7 @@ def plan_tensor_edits(
             if target.axis >= len(entry.shape):
                 raise EditError(f"{stored} has shape {list(entry.shape)}; expected a channel axis {target.axis}")
             edit = edits.setdefault(stored, TensorEdit(entry, target.axis))
-            edit.factors.append(channel_factors(layout, group, entry.shape[target.axis]))
+            edit.factors.append(channel_factors(layout, group, entry.shape[target.axis], stored=True))
             folded.append(FoldedTensor(stored, target.axis, len(group.indices)))
     return edits, folded
 
@@ -183,9 +184,22 @@ def _write_scaled(src: int, dst: int, edit: TensorEdit, chunk_bytes: int) -> Non
 
 def _write_shard(shard: Shard, out: Path, edits: dict[str, TensorEdit], chunk_bytes: int,
                  on_bytes: Callable[[int], None]) -> None:
-    """The baked copy of one shard: same header, untouched byte runs copied, edited tensors rewritten."""
+    """The baked copy of one shard: same header, untouched byte runs copied, edited tensors rewritten.
+
+    Reads and writes go through file descriptors, whose errors (a full disk, an I/O error) name no file: they are
+    re-raised naming the shard being written, so the user learns which disk is full."""
+    try:
+        _copy_shard(shard, out, edits, chunk_bytes, on_bytes)
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(out)) from exc
+
+
+def _copy_shard(shard: Shard, out: Path, edits: dict[str, TensorEdit], chunk_bytes: int,
+                on_bytes: Callable[[int], None]) -> None:
     src = os.open(shard.path, os.O_RDONLY)
-    dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    dst = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides, as for every file
     try:
         os.write(dst, shard.header)
         run_start = run_end = shard.data_start
@@ -351,6 +365,7 @@ def stream_for_apply(
 def bake_checkpoint(
     base_folder: Path, plan: EditPlan, out: Path, overwrite: bool = False, **kwargs
 ) -> list[FoldedTensor]:
-    """:func:`stream_bake` into ``out`` through a staged folder: all or nothing."""
-    with staged_output(Path(out), overwrite) as tmp:
+    """:func:`stream_bake` into ``out`` through a staged folder: all or nothing (and never into, onto or above the
+    base folder, which replacing ``out`` would destroy)."""
+    with staged_output(Path(out), overwrite, [Protected("the base model's folder", Path(base_folder))]) as tmp:
         return stream_bake(base_folder, plan, tmp, **kwargs)

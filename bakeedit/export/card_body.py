@@ -151,7 +151,7 @@ def verification(ctx: CardContext) -> list[str]:
             f"{v.n_prompts} probe prompts was **{v.max_abs_logit_delta:.3g}** (mean {v.mean_abs_logit_delta:.3g}, "
             f"tolerance {v.tolerance:.3g} in {v.dtype}, largest logit {v.max_abs_logit:.3g}): "
             f"**{'passed' if v.passed else 'FAILED'}**. `bakeedit verify` repeats this check and first re-hashes "
-            "every weight, config and code file against `bakeedit.json`.",
+            "every file of the folder against `bakeedit.json`.",
             "", "This shows the checkpoint does exactly what the edit specifies; whether the edit reduces bias is "
             "what the evaluation below measures."]
 
@@ -317,13 +317,16 @@ def reproduce(ctx: CardContext) -> list[str]:
 
 
 def evidence(ctx: CardContext) -> list[str]:
-    recorded = ctx.provenance.files_sha256
+    """Every file beside the card with its recorded sha256 (the heat map just drawn: its new one). The card cannot
+    list its own hash; ``bakeedit.json`` records it, and its own digest (``manifest_sha256``)."""
+    recorded = {**ctx.provenance.files_sha256, **ctx.fresh_sha256}
     lines = ["## Files and provenance", "",
              "`bakeedit.json` holds the recipe, the neuron set, the edit plan, the verification and the sha256 of "
-             f"every weight, config and code file; `{CARD_FILE}` (this card) is regenerated from it with "
-             "`bakeedit card`.", "", "| file | bytes | sha256 |", "|---|---|---|"]
+             f"every file of this repository, `{CARD_FILE}` (this card) included, plus a digest of its own content; "
+             "the card is regenerated from it with `bakeedit card`.", "", "| file | bytes | sha256 |",
+             "|---|---|---|"]
     for name, size in ctx.files.items():
-        if name in recorded:
+        if name in recorded and name != CARD_FILE:
             lines.append(f"| `{_cell(name)}` | {size} | `{recorded[name][:16]}` |")
     return lines
 

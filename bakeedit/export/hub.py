@@ -1,30 +1,45 @@
 """Publish a baked folder to the Hugging Face Hub: check it, then ``create_repo`` + ``upload_folder``.
 
-Nothing is sent before the folder has passed every local check: it was written by ``bakeedit apply`` and passed its
-verification, every file recorded in ``bakeedit.json`` still has its sha256 (a tampered or truncated shard is refused
-here, not discovered by a user), and no file to upload contains the token. The token is never taken on the command
-line: huggingface_hub finds it in its usual places (``HF_TOKEN``, then the file ``hf auth login`` writes under
-``HF_HOME``), and it appears in no output, log, card or ``bakeedit.json``; error messages from the server are
-passed through with the token redacted. After the commit, the repository's tree at the new commit is listed and
-compared with the local files (size, and sha256 for LFS files), so "pushed" means the Hub holds these bytes.
+What is published is exactly what was verified. Nothing is sent before the folder has passed every local check
+(``provenance.check_folder``): it was written by ``bakeedit apply`` and passed its verification, every file is
+listed in ``bakeedit.json`` with its sha256 (a tampered, truncated, added or deleted file is refused here, not
+discovered by a user), the record's own digest matches and its plan matches its recipe; no pickle (``.bin``,
+``.pt``, ``.pth``, ``.pkl``, ``.pickle``, ``.ckpt``) and no Python file other than the hashed custom module is
+sent; and no file to upload contains the token. ``--dry-run`` runs the same checks (:func:`check_push`). The
+commit deletes every file of the branch the folder lacks (``delete_patterns``), so a re-push of a re-sharded model
+cannot leave old unedited shards online. The token is never taken on the command line: huggingface_hub finds it in
+its usual places (``HF_TOKEN``, then the file ``hf auth login`` writes under ``HF_HOME``), and it appears in no
+output, log, card or ``bakeedit.json``; error messages from the server are passed through with the token
+redacted, as one line that says whether anything was pushed. After the commit, the repository's tree at the new
+commit is listed and compared with the local files (size, and sha256 for LFS files), so "pushed" means the Hub
+holds these bytes.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from bakeedit.errors import BakeeditError, VerificationError
-from bakeedit.export.card import CARD_FILE, is_generated_card, write_card
-from bakeedit.export.provenance import check_file_hashes, read_provenance
+from bakeedit.export.card import CARD_FILE, build_card, write_card
+from bakeedit.export.provenance import PROVENANCE_FILE, Provenance, check_folder, folder_files, read_provenance
 
 #: Never uploaded: hidden files and folders (``.git``, ``.cache``, temporary files of an interrupted write).
 IGNORE_PATTERNS = [".*", "*/.*"]
+#: Remote files deleted in the push's commit unless the folder holds them (then they are overwritten): the new
+#: commit holds exactly the folder (huggingface_hub always keeps ``.gitattributes``; history keeps the rest).
+DELETE_PATTERNS = ["*"]
+#: Formats that unpickle, i.e. can run code, when loaded: never published.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 #: Files small and textual enough to scan for a leaked token before upload.
 TEXT_SUFFIXES = (".md", ".json", ".yaml", ".yml", ".txt", ".py", ".jinja")
 _MAX_SCAN_BYTES = 32 << 20
+#: How the Xet client reports a server that has no Xet token endpoint (an older or Hub-compatible server).
+_XET_TOKEN_ROUTE = re.compile(r"xet-(?:write|read)-token", re.IGNORECASE)
+_CLIENT_ERROR = re.compile(r"\b(?:400|404|405|501)\b")
 
 Reporter = Callable[[str], None]
 
@@ -45,16 +60,12 @@ class UploadPlan:
 
     folder: Path
     files: list[UploadFile]
-    regenerate_card: bool  # README.md is missing or a generated card: it is (re)written with the repo id
+    regenerate_card: bool  # the card is rewritten with the repo id at push time (and recorded in bakeedit.json)
     sha256: dict[str, str] = field(default_factory=dict)  # checked just now against bakeedit.json
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
-
-    def relisted(self) -> UploadPlan:
-        """The same plan with the folder listed again (after the card was written; nothing is re-hashed)."""
-        return UploadPlan(self.folder, _listed(self.folder), self.regenerate_card, self.sha256)
 
 
 @dataclass
@@ -66,43 +77,57 @@ class PushResult:
     endpoint: str
     plan: UploadPlan
     checked: list[str] = field(default_factory=list)  # files whose remote size / sha256 were compared
-    stale: list[str] = field(default_factory=list)  # weight/code files in the repository that the folder lacks
+    stale: list[str] = field(default_factory=list)  # files the commit still holds that the folder lacks (none)
 
 
 def _listed(folder: Path) -> list[UploadFile]:
-    from huggingface_hub.utils import filter_repo_objects
+    """What ``upload_folder`` sends: every file of the manifest (no hidden entry) and ``bakeedit.json``."""
+    names = [*folder_files(folder), PROVENANCE_FILE]
+    return sorted((UploadFile(name, (folder / name).stat().st_size) for name in names), key=lambda f: f.path)
 
-    relative = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*")) if p.is_file()]
-    kept = filter_repo_objects(relative, ignore_patterns=IGNORE_PATTERNS)
-    return sorted((UploadFile(path, (folder / path).stat().st_size) for path in kept), key=lambda f: f.path)
+
+def _refuse_unsafe_files(folder: Path, files: list[UploadFile], provenance: Provenance) -> None:
+    """A pickle can run code when it is loaded, and a Python file asks its users to trust it: the only code a
+    bakeedit repository carries is its own hashed custom module (``custom_module.module_file``)."""
+    allowed_code = {provenance.custom_module.module_file} if provenance.custom_module else set()
+    for f in files:
+        suffix = PurePosixPath(f.path).suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            raise PushError(f"{folder / f.path}: a pickle file ({suffix}), which can run code when loaded; refusing "
+                            "to publish it", hint="bakeedit publishes safetensors only: bake from a safetensors base")
+        if suffix == ".py" and f.path not in allowed_code:
+            raise PushError(f"{folder / f.path}: Python code that is not bakeedit's hashed custom module; refusing "
+                            "to publish it", hint="the base model's own code was carried into the folder; bakeedit "
+                            "does not publish code it did not write")
 
 
 def plan_push(folder: Path) -> UploadPlan:
     """Check ``folder`` and list what would be uploaded; sends nothing. Raises before any request if the folder is
-    not a verified bakeedit output or a recorded file changed."""
+    not a verified bakeedit output exactly as its manifest records it (``provenance.check_folder``: every file,
+    the record's digest, the plan against the recipe), or holds a pickle or code bakeedit did not write."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PushError(f"{folder}: no such folder")
-    provenance = read_provenance(folder)
+    provenance = check_folder(folder, purpose="refusing to push")
     if not provenance.verification.passed:
         raise VerificationError(
             f"{folder}: its verification failed (max |delta logit| {provenance.verification.max_abs_logit_delta:.3g}"
             f" > {provenance.verification.tolerance:.3g}); refusing to publish it",
             hint="re-run bakeedit apply; only verified checkpoints are pushed",
         )
-    changed = check_file_hashes(folder, provenance)
-    if changed:
-        raise VerificationError(
-            f"{folder}: refusing to push: {len(changed)} file(s) differ from the sha256 recorded in bakeedit.json "
-            f"({', '.join(changed)})",
-            hint="a shard was modified, truncated or replaced after bakeedit apply wrote it; re-run bakeedit apply",
-        )
-    card = folder / CARD_FILE
     files = _listed(folder)
-    regenerate = not card.is_file() or is_generated_card(card)
-    if not card.is_file():
-        files.append(UploadFile(CARD_FILE, 0))  # written at push time; its size is known then
-    return UploadPlan(folder, sorted(files, key=lambda f: f.path), regenerate, dict(provenance.files_sha256))
+    _refuse_unsafe_files(folder, files, provenance)
+    return UploadPlan(folder, files, True, dict(provenance.files_sha256))
+
+
+def _replanned(plan: UploadPlan) -> UploadPlan:
+    """The plan after the card was regenerated (and recorded): the folder must still hold exactly the manifest."""
+    provenance = read_provenance(plan.folder)
+    files = _listed(plan.folder)
+    if {f.path for f in files} != {*provenance.files_sha256, PROVENANCE_FILE}:
+        raise PushError(f"{plan.folder}: files were added or removed while pushing; nothing was pushed",
+                        hint="leave the folder alone during a push, then run the same command again")
+    return UploadPlan(plan.folder, files, plan.regenerate_card, dict(provenance.files_sha256))
 
 
 def _check_no_token(plan: UploadPlan, token: str) -> None:
@@ -116,43 +141,104 @@ def _check_no_token(plan: UploadPlan, token: str) -> None:
             )
 
 
+def check_push(folder: Path, repo_id: str) -> tuple[UploadPlan, list[str]]:
+    """``push --dry-run``: every check :func:`push_folder` makes before it sends anything (repository id, the
+    folder, pickles and code, and, when a token is found, that no file nor the card it would regenerate holds
+    it). Returns the plan, and notes on what only the real push can find out (offline, not logged in)."""
+    from huggingface_hub import constants, get_token
+
+    check_repo_id(repo_id)
+    plan = plan_push(folder)
+    notes = []
+    token = get_token()
+    if token is None:
+        notes.append("not logged in: the push needs a token (HF_TOKEN, or `hf auth login`)")
+    else:
+        _check_no_token(plan, token)
+        card = str(build_card(plan.folder, repo_id=repo_id, heatmap=False))  # what the push would write
+        if token in card:
+            raise PushError(f"{plan.folder / CARD_FILE}: the card regenerated for the push would contain your Hugging "
+                            "Face token; refusing to upload it", hint="remove the token from the recipe, then "
+                            "revoke and replace it")
+    if constants.is_offline_mode():
+        notes.append("HF_HUB_OFFLINE is set: the push needs the Hub")
+    return plan, notes
+
+
 def redact(text: str, token: str | None) -> str:
     """``text`` with every occurrence of ``token`` replaced (server messages may echo request data)."""
     return text.replace(token, "<token>") if token else text
+
+
+def _first_line(exc: BaseException, token: str | None) -> str:
+    text = str(exc).strip()
+    return redact(text.splitlines()[0] if text else type(exc).__name__, token)
 
 
 def _http_error(exc: Exception, step: str, repo_id: str, endpoint: str, token: str | None,
                 committed: str | None = None) -> PushError:
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
-    detail = redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, token)
+    detail = _first_line(exc, token)
     if committed is not None:  # the upload succeeded; only the check after it failed
         return PushError(f"commit {committed} was made on '{repo_id}', but checking it failed (HTTP {status}): "
                          f"{detail}", hint="compare the repository with the folder, or push again to re-check it")
     if status == 401:
         return PushError(
-            f"the Hub at {endpoint} rejected the token during {step} (HTTP 401): {detail}",
-            hint="log in again (`hf auth login`) or set HF_TOKEN to a token with write access; nothing was pushed",
+            f"the Hub at {endpoint} rejected the token during {step} (HTTP 401): {detail}; nothing was pushed",
+            hint="log in again (`hf auth login`) or set HF_TOKEN to a token with write access",
         )
     if status == 403:
-        return PushError(f"no write access to '{repo_id}' at {endpoint} (HTTP 403): {detail}",
-                         hint="push to your own namespace or ask for write access; nothing was pushed")
+        return PushError(f"no write access to '{repo_id}' at {endpoint} (HTTP 403): {detail}; nothing was pushed",
+                         hint="push to your own namespace or ask for write access")
     if status is not None and status >= 500:
         return PushError(
             f"the Hub at {endpoint} failed during {step} (HTTP {status}): no commit was made; nothing was pushed to "
             f"'{repo_id}'",
             hint="usually temporary: run the same command again (files the Hub already received are not re-sent)",
         )
-    return PushError(f"{step} failed for '{repo_id}' at {endpoint}: {detail}", hint="nothing was pushed")
+    return PushError(f"{step} failed for '{repo_id}' at {endpoint} ({detail}); nothing was pushed",
+                     hint="check the repository id and the server, then run the same command again")
 
 
-STALE_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".py")
+def _lacks_xet(exc: BaseException) -> bool:
+    """Whether the Xet client failed because the server has no Xet token endpoint (answered 4xx/501 there)."""
+    text = str(exc)
+    return bool(_XET_TOKEN_ROUTE.search(text) and _CLIENT_ERROR.search(text))
+
+
+def _upload_error(exc: BaseException, step: str, repo_id: str, endpoint: str, token: str | None,
+                  committed: str | None) -> PushError:
+    """One line for what huggingface_hub raises when an upload fails below the HTTP status level: its
+    ``RuntimeError("Error while uploading 'x' to the Hub.")`` (the cause: an HTTP error or a dropped
+    connection), the Xet client's errors, and connection errors. The line says whether anything was pushed."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    if committed is not None:
+        return PushError(f"commit {committed} was made on '{repo_id}', but {step} failed ({type(cause).__name__}: "
+                         f"{_first_line(cause, token)})", hint="check the network, then push again to re-check it")
+    if _lacks_xet(exc):
+        return PushError(f"the server at {endpoint} does not support Xet uploads ({_first_line(exc, token)}); "
+                         f"nothing was pushed to '{repo_id}'",
+                         hint="set HF_HUB_DISABLE_XET=1 to upload through git LFS, then run the same command again")
+    if str(exc).startswith("Error while uploading"):
+        status = getattr(getattr(cause, "response", None), "status_code", None) if isinstance(
+            cause, HfHubHTTPError) else None
+        why = f"HTTP {status}" if status is not None else f"{type(cause).__name__}: {_first_line(cause, token)}"
+        return PushError(f"{_first_line(exc, token).rstrip('.')} ({why}): no commit was made; nothing was pushed",
+                         hint="run the same command again (files the Hub already received are not re-sent)")
+    if isinstance(exc, (*_transport_errors(), ConnectionError, TimeoutError)):
+        return PushError(f"could not reach the Hub at {endpoint} during {step} ({type(exc).__name__}: "
+                         f"{_first_line(exc, token)}); nothing was pushed", hint="check the network or HF_ENDPOINT")
+    return PushError(f"{step} failed for '{repo_id}' at {endpoint} ({type(exc).__name__}: "
+                     f"{_first_line(exc, token)}); nothing was pushed", hint="run the same command again")
 
 
 def _verify_remote(api, repo_id: str, commit: str, plan: UploadPlan, token: str) -> tuple[list[str], list[str]]:
     """Compare the repository tree at ``commit`` with the local files: sizes, and sha256 of LFS files. Returns the
-    files compared and the weight/code files the repository holds but the folder does not (left by an earlier push:
-    ``upload_folder`` adds and overwrites, it does not delete)."""
+    files compared and the files the commit holds but the folder does not (none: the commit deletes them; listed
+    in case a server ignored the deletions)."""
     from huggingface_hub.hf_api import RepoFile
 
     from bakeedit.models.embedded import file_sha256
@@ -173,8 +259,8 @@ def _verify_remote(api, repo_id: str, commit: str, plan: UploadPlan, token: str)
     if wrong:
         raise PushError(f"commit {commit} on '{repo_id}' does not hold the local bytes of: {', '.join(wrong)}",
                         hint="push again; if it persists, the server is not storing uploads faithfully")
-    local = {f.path for f in plan.files}
-    return sorted(remote), sorted(p for p in remote if p.endswith(STALE_SUFFIXES) and p not in local)
+    local = {f.path for f in plan.files} | {".gitattributes"}
+    return sorted(remote), sorted(p for p in remote if p not in local)
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -218,9 +304,11 @@ def push_folder(
     endpoint: str | None = None,
     report: Reporter = lambda _step: None,
 ) -> PushResult:
-    """Check ``folder`` (see :func:`plan_push`), then create ``repo_id`` if needed and upload the folder in one
-    commit to ``revision`` (a branch, created from main if missing; default main). Raises :class:`PushError`
-    (never claiming success) on any refusal or failure; the token never appears in its message."""
+    """Check ``folder`` (see :func:`plan_push`), then create ``repo_id`` if needed, regenerate the card with the
+    repo id (recorded in ``bakeedit.json``), and upload the folder in one commit to ``revision`` (a branch,
+    created from main if missing; default main) that also deletes every file of the branch the folder lacks.
+    Raises :class:`PushError` (never claiming success) on any refusal or failure; the token never appears in its
+    message."""
     from huggingface_hub import HfApi, constants, get_token
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -247,27 +335,26 @@ def push_folder(
         if revision is not None and revision != constants.DEFAULT_REVISION:
             step = f"creating branch '{revision}'"
             api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
-        if plan.regenerate_card:
-            write_card(plan.folder, repo_id=repo_id)
-            plan = plan.relisted()  # the card's final size (and the heat map, if it was new)
-            _check_no_token(plan, token)
+        write_card(plan.folder, repo_id=repo_id, check=False)  # plan_push checked every file just now
+        plan = _replanned(plan)  # the card's final size and hash, recorded in bakeedit.json
+        _check_no_token(plan, token)
         step = "the upload"
         report(f"uploading {len(plan.files)} files ({plan.total_bytes / 1e6:.1f} MB)")
         info = api.upload_folder(
             repo_id=repo_id, folder_path=plan.folder, repo_type="model", revision=revision,
             commit_message=commit_message or _commit_message(plan.folder), ignore_patterns=list(IGNORE_PATTERNS),
-            token=token,
+            delete_patterns=list(DELETE_PATTERNS), token=token,
         )
         step = "checking the pushed files"
         report("checking the pushed files")
         checked, stale = _verify_remote(api, repo_id, info.oid, plan, token)
+    except BakeeditError:
+        raise
     except OfflineModeIsEnabled:
         raise PushError("HF_HUB_OFFLINE is set: pushing needs the Hub", hint="unset HF_HUB_OFFLINE") from None
     except HfHubHTTPError as exc:
         raise _http_error(exc, step, repo_id, endpoint, token, info.oid if info is not None else None) from None
-    except (*_transport_errors(), ConnectionError) as exc:
-        done = f"commit {info.oid} was made, but" if info is not None else "nothing was pushed;"
-        raise PushError(f"could not reach the Hub at {endpoint} during {step} ({type(exc).__name__}: "
-                        f"{redact(str(exc), token)})", hint=f"{done} check the network or HF_ENDPOINT") from None
+    except (*_transport_errors(), ConnectionError, TimeoutError, RuntimeError) as exc:
+        raise _upload_error(exc, step, repo_id, endpoint, token, info.oid if info is not None else None) from None
     return PushResult(repo_id=repo_id, revision=revision or constants.DEFAULT_REVISION, commit_oid=info.oid,
                       commit_url=info.commit_url, endpoint=endpoint, plan=plan, checked=checked, stale=stale)

@@ -124,6 +124,16 @@ def _load_block(model: torch.nn.Module, layout: ModelLayout, ckpt: Checkpoint, l
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith(prefix):
+                parts = layout.stored_parts(layer, name[len(prefix):])
+                if parts is not None:  # routed experts: stored one tensor per expert and part, fused on load
+                    missing = [p for p in parts if stored_name(ckpt, p, layout) is None]
+                    if missing:
+                        raise VerificationError(f"{ckpt.folder}: no tensor {missing[0]}")
+                    tensors = [ckpt.read(stored_name(ckpt, p, layout)) for p in parts]
+                    per_expert = len(parts) // param.shape[0]
+                    fused = [torch.cat(tensors[e * per_expert:(e + 1) * per_expert]) for e in range(param.shape[0])]
+                    param.copy_(torch.stack(fused).to(param.dtype))
+                    continue
                 wanted = f"{layout.spec.blocks}.{layer}.{name[len(prefix):]}"
                 stored = stored_name(ckpt, wanted, layout)
                 if stored is None:

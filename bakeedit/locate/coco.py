@@ -49,8 +49,9 @@ from bakeedit.locate.responses import (
     render_ids,
     resolve_format,
 )
-from bakeedit.models.arch import SITES, Site
+from bakeedit.models.arch import Site
 from bakeedit.models.load import LoadedModel
+from bakeedit.models.spec import site_order
 from bakeedit.neurons import NeuronSet
 
 #: Bumped when the recorded responses change meaning, so old cache entries are never reused.
@@ -84,7 +85,7 @@ class CocoParams(BaseModel):
     def _unique(cls, sites: list[str]) -> list[str]:
         if len(set(sites)) != len(sites):
             raise ValueError("sites must not repeat")
-        return sorted(sites, key=SITES.index)
+        return sorted(sites, key=site_order)
 
 
 def _prompts_path(params: CocoParams, ctx: LocateContext) -> Path:

@@ -26,7 +26,7 @@ from bakeedit.errors import DataError
 from bakeedit.locate.coco_score import SiteScores, chance_loss, infonce_loss, score_site
 from bakeedit.locate.contrast_data import ContrastItem
 from bakeedit.locate.responses import tensor_name
-from bakeedit.models.arch import SITES
+from bakeedit.models.spec import site_order
 from bakeedit.neurons import Neuron, NeuronSet
 
 Address = tuple[int, str, int]
@@ -47,7 +47,7 @@ class CocoResult:
     selection: dict[str, Any] = field(default_factory=dict)  # how the kept set was chosen (mode, k, threshold)
 
     def neuron_set(self) -> NeuronSet:
-        order = sorted(self.selected, key=lambda a: (a[0], SITES.index(a[1]), a[2]))
+        order = sorted(self.selected, key=lambda a: (a[0], site_order(a[1]), a[2]))
         neurons = [Neuron(layer=a[0], site=a[1], index=a[2], score=round(self.selected[a]["score"], 6)) for a in order]
         return NeuronSet(method="coco", neurons=neurons)
 

@@ -17,7 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bakeedit.errors import NeuronSetError
-from bakeedit.models.arch import SITES
+from bakeedit.models.spec import site_order
 from bakeedit.neurons import NeuronSet
 
 
@@ -26,7 +26,7 @@ def _sites(neuron_set: NeuronSet, sites: Sequence[str] | None) -> list[str]:
     if sites is not None:
         return list(sites)
     used = {n.site for n in neuron_set.neurons}
-    return [s for s in SITES if s in used]
+    return sorted(used, key=site_order)
 
 
 def counts_grid(neuron_set: NeuronSet, n_layers: int, sites: Sequence[str] | None = None) -> np.ndarray:

@@ -46,8 +46,8 @@ from bakeedit.locate.ine_data import (
 from bakeedit.locate.ine_parts import ModelParts, discover_parts
 from bakeedit.locate.ine_scores import Targets, make_batch, query_scores, value_scores
 from bakeedit.locate.registry import LocateContext, register
-from bakeedit.models.arch import SITES
 from bakeedit.models.load import LoadedModel
+from bakeedit.models.spec import site_order
 from bakeedit.neurons import Neuron, NeuronSet
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,7 @@ def locate_ine(loaded: LoadedModel, params: IneParams, ctx: LocateContext) -> In
     kept = set(causal.kept)
     neurons = [Neuron(layer=c.address[0], site=c.address[1], index=c.address[2], score=round(c.score, 6))
                for c in candidates if c.address in kept]
-    neurons.sort(key=lambda nr: (nr.layer, SITES.index(nr.site), nr.index))
+    neurons.sort(key=lambda nr: (nr.layer, site_order(nr.site), nr.index))
     if len(neurons) < params.k:
         log.warning("ine kept %d neurons, fewer than k = %d: the rest did not lower the bias within the loss "
                     "tolerance", len(neurons), params.k)

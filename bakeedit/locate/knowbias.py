@@ -36,8 +36,9 @@ from bakeedit.errors import DataError, RecipeError, UnsupportedArchitecture
 from bakeedit.locate.cache import ItemCache
 from bakeedit.locate.ig import Cell, IGResult, integrated_gradients
 from bakeedit.locate.registry import LocateContext, register
-from bakeedit.models.arch import SITES, ModelLayout
+from bakeedit.models.arch import ModelLayout
 from bakeedit.models.load import LoadedModel
+from bakeedit.models.spec import SITE_NAMES_HINT, is_site, site_order
 from bakeedit.neurons import Neuron, NeuronSet
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,8 @@ class KnowBiasParams(BaseModel):
     @classmethod
     def _known_sites(cls, sites: list[str]) -> list[str]:
         for site in sites:
-            if site not in SITES:
-                raise ValueError(f"unknown site '{site}'; allowed: {', '.join(SITES)}")
+            if not is_site(site):
+                raise ValueError(f"unknown site '{site}'; allowed: {SITE_NAMES_HINT}")
         if len(set(sites)) != len(sites):
             raise ValueError("sites are listed twice")
         return sites
@@ -235,7 +236,7 @@ def to_neurons(cells: list[Cell], sizes: list[int], selected: torch.Tensor, scor
             Neuron(layer=layer, site=site, index=int(i), score=round(float(score[i]), 6))
             for i in keep.nonzero().flatten().tolist()
         ]
-    return sorted(neurons, key=lambda n: (n.layer, SITES.index(n.site), n.index))
+    return sorted(neurons, key=lambda n: (n.layer, site_order(n.site), n.index))
 
 
 # --- the run -------------------------------------------------------------------------------------------------

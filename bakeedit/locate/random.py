@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bakeedit.errors import NeuronSetError
 from bakeedit.locate.registry import LocateContext, register
-from bakeedit.models.arch import SITES, ModelLayout
+from bakeedit.models.arch import ModelLayout
 from bakeedit.models.load import LoadedModel
+from bakeedit.models.spec import site_order
 from bakeedit.neurons import Neuron, NeuronSet
 
 
@@ -31,7 +32,7 @@ def random_like(reference: NeuronSet, layout: ModelLayout, seed: int) -> NeuronS
     generator = torch.Generator().manual_seed(seed)
     taken = {n.address for n in reference.neurons}
     neurons: list[Neuron] = []
-    cells = sorted(reference.histogram().items(), key=lambda kv: (kv[0][0], SITES.index(kv[0][1])))
+    cells = sorted(reference.histogram().items(), key=lambda kv: (kv[0][0], site_order(kv[0][1])))
     for (layer, site), count in cells:
         size = layout.site_size(site)
         if layer >= layout.n_layers or count > size:

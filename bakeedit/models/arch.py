@@ -1,147 +1,36 @@
-"""Where each *site* lives in each supported architecture.
+"""Where each *site* lives in each supported architecture: an :class:`ArchSpec` bound to one model's sizes.
 
 A site is a named place inside a decoder block (``attn.q``, ``mlp.act``, ...; see ``SITES`` and
-``../shared/METHODS.md``). Method code speaks only of ``(layer, site, index)``; this module maps that address to
-a module, to the physical channel of that module's output or input, and so to a weight row or column. Fused
-layouts (Phi-3 ``qkv_proj``/``gate_up_proj``, GPT-2's ``c_attn`` Conv1D, GPT-NeoX's per-head interleaved
-``query_key_value``) are resolved here and nowhere else.
-
-The table is declarative: an :class:`ArchSpec` lists, per site, the module path inside the block, whether the
-site is an output channel (``out``: a weight row, plus the bias) or an input channel (``in``: a weight column), and
-how a site index maps to a channel of a fused tensor. :class:`ModelLayout` binds a spec to one model's config.
+``../shared/METHODS.md``). Method code speaks only of ``(layer, site, index)``; :class:`ModelLayout` maps that
+address to a module, to the physical channel of that module's output or input, and so to a weight row or column.
+Fused layouts (Phi-3 ``qkv_proj``/``gate_up_proj``, GPT-2's ``c_attn`` Conv1D, GPT-NeoX's per-head interleaved
+``query_key_value``) are resolved here and nowhere else. The tables are data (``models/architectures/*.json``,
+read by :mod:`bakeedit.models.registry`); this module only does the arithmetic.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from bakeedit.errors import UnsupportedArchitecture
-
-Site = Literal["attn.q", "attn.k", "attn.v", "attn.o_in", "mlp.gate", "mlp.up", "mlp.act"]
-SITES: tuple[str, ...] = ("attn.q", "attn.k", "attn.v", "attn.o_in", "mlp.gate", "mlp.up", "mlp.act")
-
-#: A dimension of a block, computed from the model config by :func:`_dims`.
-Dim = Literal["q", "kv", "ffn"]
-
-
-@dataclass(frozen=True)
-class SiteMap:
-    """How one site is laid out in one architecture.
-
-    ``offset`` names the dimensions that come before this site's channels in a fused tensor (Phi-3's ``qkv_proj``
-    holds ``[q | k | v]``, so ``attn.v`` has ``offset=("q", "kv")``). ``interleave`` is GPT-NeoX's layout, where
-    the fused output is ``[head0: q k v | head1: q k v | ...]``; the value is the part index (0 = q, 1 = k, 2 = v).
-    """
-
-    module: str
-    axis: Literal["out", "in"]
-    size: Dim
-    offset: tuple[Dim, ...] = ()
-    interleave: int | None = None
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """The site table of one architecture family."""
-
-    name: str
-    model_types: tuple[str, ...]
-    blocks: str
-    sites: dict[str, SiteMap]
-    notes: str = ""
-    #: Projection weights stored ``[in, out]`` (GPT-2's ``Conv1D``) instead of ``nn.Linear``'s ``[out, in]``. Known
-    #: from the architecture, so that a checkpoint can be edited tensor by tensor without building the model.
-    transposed_weights: bool = False
-
-
-def _llama_like(name: str, model_types: tuple[str, ...], notes: str = "") -> ArchSpec:
-    return ArchSpec(
-        name=name,
-        model_types=model_types,
-        blocks="model.layers",
-        sites={
-            "attn.q": SiteMap("self_attn.q_proj", "out", "q"),
-            "attn.k": SiteMap("self_attn.k_proj", "out", "kv"),
-            "attn.v": SiteMap("self_attn.v_proj", "out", "kv"),
-            "attn.o_in": SiteMap("self_attn.o_proj", "in", "q"),
-            "mlp.gate": SiteMap("mlp.gate_proj", "out", "ffn"),
-            "mlp.up": SiteMap("mlp.up_proj", "out", "ffn"),
-            "mlp.act": SiteMap("mlp.down_proj", "in", "ffn"),
-        },
-        notes=notes,
-    )
-
-
-ARCHITECTURES: tuple[ArchSpec, ...] = (
-    _llama_like("llama", ("llama",)),
-    _llama_like("mistral", ("mistral",)),
-    _llama_like("qwen2", ("qwen2",), notes="q/k/v projections carry a bias, scaled with the row"),
-    _llama_like("qwen3", ("qwen3",), notes="attn.q/attn.k are before the per-head q/k RMSNorm"),
-    _llama_like("gemma", ("gemma", "gemma2", "gemma3_text"), notes="attn.q/attn.k are before q/k norm (Gemma3)"),
-    ArchSpec(
-        name="phi3",
-        model_types=("phi3",),
-        blocks="model.layers",
-        sites={
-            "attn.q": SiteMap("self_attn.qkv_proj", "out", "q"),
-            "attn.k": SiteMap("self_attn.qkv_proj", "out", "kv", offset=("q",)),
-            "attn.v": SiteMap("self_attn.qkv_proj", "out", "kv", offset=("q", "kv")),
-            "attn.o_in": SiteMap("self_attn.o_proj", "in", "q"),
-            "mlp.gate": SiteMap("mlp.gate_up_proj", "out", "ffn"),
-            "mlp.up": SiteMap("mlp.gate_up_proj", "out", "ffn", offset=("ffn",)),
-            "mlp.act": SiteMap("mlp.down_proj", "in", "ffn"),
-        },
-        notes="fused qkv_proj = [q | k | v] and gate_up_proj = [gate | up]",
-    ),
-    ArchSpec(
-        name="gpt2",
-        model_types=("gpt2",),
-        blocks="transformer.h",
-        sites={
-            "attn.q": SiteMap("attn.c_attn", "out", "q"),
-            "attn.k": SiteMap("attn.c_attn", "out", "kv", offset=("q",)),
-            "attn.v": SiteMap("attn.c_attn", "out", "kv", offset=("q", "kv")),
-            "attn.o_in": SiteMap("attn.c_proj", "in", "q"),
-            "mlp.up": SiteMap("mlp.c_fc", "out", "ffn"),
-            "mlp.act": SiteMap("mlp.c_proj", "in", "ffn"),
-        },
-        notes="Conv1D weights are stored [in, out]; c_attn = [q | k | v]; no gated MLP, so no mlp.gate",
-        transposed_weights=True,
-    ),
-    ArchSpec(
-        name="gpt_neox",
-        model_types=("gpt_neox",),
-        blocks="gpt_neox.layers",
-        sites={
-            "attn.q": SiteMap("attention.query_key_value", "out", "q", interleave=0),
-            "attn.k": SiteMap("attention.query_key_value", "out", "kv", interleave=1),
-            "attn.v": SiteMap("attention.query_key_value", "out", "kv", interleave=2),
-            "attn.o_in": SiteMap("attention.dense", "in", "q"),
-            "mlp.up": SiteMap("mlp.dense_h_to_4h", "out", "ffn"),
-            "mlp.act": SiteMap("mlp.dense_4h_to_h", "in", "ffn"),
-        },
-        notes="query_key_value is interleaved per head: [h0: q k v | h1: q k v | ...]; no gated MLP",
-    ),
+from bakeedit.models.registry import spec_for, spec_for_model_type, supported_model_types
+from bakeedit.models.spec import (
+    SHARED_SITES,
+    SITE_NAMES_HINT,
+    SITES,
+    ArchSpec,
+    Dim,
+    Site,
+    SiteMap,
+    expert_site,
+    is_site,
 )
 
-
-def supported_model_types() -> list[str]:
-    """Every ``config.model_type`` bakeedit can edit."""
-    return sorted(t for spec in ARCHITECTURES for t in spec.model_types)
-
-
-def spec_for_model_type(model_type: str) -> ArchSpec:
-    for spec in ARCHITECTURES:
-        if model_type in spec.model_types:
-            return spec
-    raise UnsupportedArchitecture(
-        f"unsupported architecture '{model_type}'",
-        hint="supported model types: " + ", ".join(supported_model_types()),
-    )
+__all__ = ["SITES", "ArchSpec", "Dims", "ModelLayout", "Site", "SiteMap", "spec_for_model_type",
+           "supported_model_types"]
 
 
 @dataclass(frozen=True)
@@ -152,7 +41,10 @@ class Dims:
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    ffn: int
+    ffn: int | None
+    n_experts: int = 0
+    expert_ffn: int | None = None
+    shared_ffn: int | None = None
 
     @property
     def q(self) -> int:
@@ -163,19 +55,28 @@ class Dims:
         return self.n_kv_heads * self.head_dim
 
     def of(self, dim: Dim) -> int:
-        return {"q": self.q, "kv": self.kv, "ffn": self.ffn}[dim]
+        size = {"q": self.q, "kv": self.kv, "ffn": self.ffn, "expert_ffn": self.expert_ffn,
+                "shared_ffn": self.shared_ffn}[dim]
+        if size is None:
+            raise UnsupportedArchitecture(f"the model config gives no size for '{dim}'")
+        return size
 
 
-def _dims(config) -> Dims:
-    """Read the block sizes from a transformers config, whatever its attribute names."""
+def _dims(config, spec: ArchSpec) -> Dims:
+    """Read the block sizes from a transformers config, with the attribute names the spec's family uses."""
     config = getattr(config, "text_config", None) or config
-    if config.model_type == "gpt2":
-        hidden, heads, layers = config.n_embd, config.n_head, config.n_layer
-        return Dims(layers, heads, heads, hidden // heads, config.n_inner or 4 * hidden)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return Dims(config.num_hidden_layers, heads, kv_heads, head_dim, config.intermediate_size)
+    keys = spec.config_keys
+    hidden = getattr(config, keys.hidden)
+    heads = getattr(config, keys.n_heads)
+    head_dim = getattr(config, keys.head_dim, None) or hidden // heads
+    kv_heads = getattr(config, keys.n_kv_heads, None) or heads
+    ffn = getattr(config, keys.ffn, None)
+    if ffn is None and keys.ffn_multiple is not None:
+        ffn = keys.ffn_multiple * hidden
+    experts = (getattr(config, keys.n_experts, None) or 0) if spec.expert_sites else 0
+    return Dims(getattr(config, keys.n_layers), heads, kv_heads, head_dim, ffn, experts,
+                getattr(config, keys.expert_ffn, None) if experts else None,
+                getattr(config, keys.shared_ffn, None) if any(s in spec.sites for s in SHARED_SITES) else None)
 
 
 def _get_submodule(root: nn.Module, path: str) -> nn.Module:
@@ -198,13 +99,19 @@ class ModelLayout:
     _channel_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def for_config(cls, config) -> ModelLayout:
+    def for_config(cls, config, arch: str | None = None) -> ModelLayout:
+        """The layout of a model with this config; ``arch`` names a table explicitly (``llama-like``) for a
+        ``model_type`` no architecture file claims."""
         model_type = (getattr(config, "text_config", None) or config).model_type
-        return cls(spec=spec_for_model_type(model_type), dims=_dims(config), model_type=model_type)
+        spec = spec_for(model_type, arch)
+        return cls(spec=spec, dims=_dims(config, spec), model_type=model_type)
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> ModelLayout:
-        return cls.for_config(model.config)
+    def for_model(cls, model: nn.Module, arch: str | None = None) -> ModelLayout:
+        """As :meth:`for_config`; an unknown type whose module names match a table is offered that guess."""
+        model_type = (getattr(model.config, "text_config", None) or model.config).model_type
+        spec = spec_for(model_type, arch, (name for name, _ in model.named_modules()))
+        return cls(spec=spec, dims=_dims(model.config, spec), model_type=model_type)
 
     @property
     def n_layers(self) -> int:
@@ -212,15 +119,29 @@ class ModelLayout:
 
     @property
     def sites(self) -> tuple[str, ...]:
-        return tuple(s for s in SITES if s in self.spec.sites)
+        """The sites every block has (dense, then a shared expert's); routed-expert sites are in
+        :meth:`expert_sites`, so methods that scan every site do not scan every expert unasked."""
+        return tuple(s for s in SITES + SHARED_SITES if s in self.spec.sites)
+
+    def expert_sites(self) -> tuple[str, ...]:
+        """Every routed-expert site of a block (``mlp.experts.E.part``), empty for dense models."""
+        return tuple(f"mlp.experts.{e}.{part}" for e in range(self.dims.n_experts) for part in self.spec.expert_sites)
 
     def site_map(self, site: str) -> SiteMap:
-        if site not in SITES:
-            raise UnsupportedArchitecture(f"unknown site '{site}'", hint="sites: " + ", ".join(SITES))
+        if not is_site(site):
+            raise UnsupportedArchitecture(f"unknown site '{site}'", hint="sites: " + SITE_NAMES_HINT)
+        found = expert_site(site)
+        if found is not None and found[1] in self.spec.expert_sites:
+            expert, part = found
+            if expert >= self.dims.n_experts:
+                raise UnsupportedArchitecture(f"site '{site}': the model has {self.dims.n_experts} experts per block "
+                                              f"(0-{self.dims.n_experts - 1})")
+            return replace(self.spec.expert_sites[part], expert=expert)
         if site not in self.spec.sites:
+            has = ", ".join(self.sites) + (", mlp.experts.E.{" + ",".join(self.spec.expert_sites) + "}"
+                                           if self.spec.expert_sites else "")
             raise UnsupportedArchitecture(
-                f"site '{site}' does not exist in {self.spec.name} models",
-                hint=f"{self.spec.name} has: " + ", ".join(self.sites),
+                f"site '{site}' does not exist in {self.spec.name} models", hint=f"{self.spec.name} has: {has}"
             )
         return self.spec.sites[site]
 
@@ -238,6 +159,16 @@ class ModelLayout:
 
     def module_name(self, layer: int, site: str) -> str:
         return f"{self.spec.blocks}.{layer}.{self.site_map(site).module}"
+
+    def weight_name(self, layer: int, site: str, stored: bool = False) -> str:
+        """The state-dict name of the weight that holds the site's channels: ``<module>.weight``, or for a routed
+        expert the fused parameter (in memory) or the expert's own tensor (``stored=True``: checkpoint files)."""
+        smap = self.site_map(site)
+        if smap.param is None:
+            return f"{self.module_name(layer, site)}.weight"
+        if stored:
+            return f"{self.spec.blocks}.{layer}.{smap.stored.format(expert=smap.expert)}.weight"
+        return f"{self.module_name(layer, site)}.{smap.param}"
 
     def channels(self, site: str, indices: torch.Tensor | list[int] | None = None) -> torch.Tensor:
         """Physical channels (of the module's output or input feature axis) of the site's ``indices``.
@@ -259,10 +190,22 @@ class ModelLayout:
             return full
         return full[torch.as_tensor(indices, dtype=torch.long)]
 
+    def stored_parts(self, layer: int, relative: str) -> list[str] | None:
+        """For a fused routed-experts parameter (``mlp.experts.gate_up_proj``, relative to the block), the stored
+        tensor names it is built from when transformers loads a checkpoint, expert-major and in concatenation
+        order (``[e0 gate, e0 up, e1 gate, ...]``); None for any other parameter."""
+        parts = [(smap.offset, smap.stored) for smap in self.spec.expert_sites.values()
+                 if f"{smap.module}.{smap.param}" == relative]
+        if not parts:
+            return None
+        ordered = [stored for _, stored in sorted(parts, key=lambda p: len(p[0]))]
+        return [f"{self.spec.blocks}.{layer}.{stored.format(expert=e)}.weight"
+                for e in range(self.dims.n_experts) for stored in ordered]
+
     def describe_channel(self, site: str, index: int) -> str:
         """A human reading of one index: which head and dimension, and which query heads a shared k/v touches."""
         smap = self.site_map(site)
-        if smap.size == "ffn":
+        if smap.size in ("ffn", "expert_ffn", "shared_ffn"):
             return f"neuron {index}"
         hd = self.dims.head_dim
         head, dim = divmod(index, hd)

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from bakeedit.models.arch import ModelLayout
+from bakeedit.models.expert_hooks import ExpertHookHandle, register_expert_hook
 
 SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
 
@@ -34,11 +35,13 @@ def _through(t: torch.Tensor, fn: SiteFn, phys: torch.Tensor, whole: bool) -> to
 
 def register_site_hook(
     model: nn.Module, layout: ModelLayout, layer: int, site: str, fn: SiteFn
-) -> RemovableHandle:
+) -> RemovableHandle | ExpertHookHandle:
     """Attach ``fn`` to the activations of ``site`` in block ``layer``; returns the handle to remove it."""
     module = layout.module(model, layer, site)
     phys = layout.channels(site)
     smap = layout.site_map(site)
+    if smap.expert is not None:  # a routed expert: no module of its own (models/expert_hooks.py)
+        return register_expert_hook(module, smap.expert, smap.axis, phys, fn)
     width = module.weight.shape[0 if smap.axis == "out" else 1]
     if type(module).__name__ == "Conv1D":  # GPT-2 stores weights [in, out]
         width = module.weight.shape[1 if smap.axis == "out" else 0]

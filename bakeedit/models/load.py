@@ -2,12 +2,16 @@
 
 A reference is the embedded default (``embedded``), a ``.gguf`` file (converted once to a safetensors cache), a
 local folder, or a Hub id (resolved with ``snapshot_download``, so the exact commit is known and recorded).
+
+Every way a model folder can be damaged (a malformed ``config.json``, a truncated or corrupt ``.safetensors`` shard,
+an unreadable tokenizer) is reported as one :class:`ModelLoadError` naming the file, never as the parser's own
+exception: the user can act on "this file is damaged", not on a Rust deserialiser's message.
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bakeedit.errors import ModelLoadError
+from bakeedit.errors import BakeeditError, ModelLoadError
 from bakeedit.models.arch import ModelLayout, spec_for_model_type
 from bakeedit.models.embedded import (
     EMBEDDED_ALIASES,
@@ -25,9 +29,10 @@ from bakeedit.models.embedded import (
     file_sha256,
     gguf_to_safetensors,
 )
+from bakeedit.recipe import HUB_ID as _HUB_ID
 from bakeedit.recipe import ModelSpec
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_DAMAGED = "the file is damaged or incomplete: download or save the checkpoint again"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
@@ -69,6 +74,8 @@ class LoadedModel:
 def resolve_source(spec: ModelSpec) -> ModelSource:
     """Turn ``spec.id`` into a local folder, converting or downloading as needed."""
     ref = spec.id
+    if spec.hub_only:  # a recipe's org/name that is no path beside the recipe: never a folder of the cwd
+        return _from_hub(ref, spec.revision)
     if ref in EMBEDDED_ALIASES:
         gguf = embedded_gguf_path()
         return ModelSource(
@@ -86,7 +93,7 @@ def resolve_source(spec: ModelSpec) -> ModelSource:
                 f"model.id: folder '{ref}' has no config.json", hint="point at a transformers checkpoint folder"
             )
         return ModelSource(ref=ref, kind="local", path=path.resolve(), revision=spec.revision)
-    if not _HUB_ID.match(ref):
+    if path.is_absolute() or not _HUB_ID.match(ref):
         raise ModelLoadError(
             f"model.id: unknown model '{ref}': not a local folder, a .gguf file, the embedded default or a Hub id",
             hint="use 'embedded' for the built-in SmolLM2-135M-Instruct, a path, or 'org/name'",
@@ -118,6 +125,65 @@ def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
     return ModelSource(
         ref=repo_id, kind="hub", path=folder, revision=folder.name, base_model=repo_id, license=license_
     )
+
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a mapping; a malformed file is a :class:`ModelLoadError` naming it (transformers and
+    the custom-module check would each raise their own, less useful, exception)."""
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"model.id: {path}: no such file",
+                             hint="point at a transformers checkpoint folder") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(
+            f"model.id: {path}: malformed JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})", hint=_DAMAGED
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(f"model.id: {path}: not a JSON text file", hint=_DAMAGED) from exc
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"model.id: {path}: not a transformers config (a JSON object)", hint=_DAMAGED)
+    return raw
+
+
+def local_layout(folder: Path) -> ModelLayout | None:
+    """The layout of a local checkpoint folder from its config.json alone (no weights), for checks that should
+    run before a model loads; ``None`` when it cannot be known that cheaply (no folder, remote code, exotic config).
+    A malformed config.json is an error here already."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return None
+    raw = read_config_json(folder)
+    if "auto_map" in raw:  # remote code (a custom module among them): its config class is not run at recipe time
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return ModelLayout.for_config(AutoConfig.from_pretrained(folder))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, BakeeditError):
+        return None  # load_model reports it, with the whole story
+
+
+def shard_damage(folder: Path) -> str | None:
+    """The first ``.safetensors`` file of ``folder`` whose header is truncated or corrupt, as an error line."""
+    from bakeedit.export.shards import read_shard
+
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            read_shard(shard)
+        except ModelLoadError as exc:
+            return str(exc)
+    return None
+
+
+def _load_failure(spec: ModelSpec, source: ModelSource, exc: Exception) -> ModelLoadError:
+    """What went wrong loading the weights, naming the damaged file when there is one."""
+    damaged = shard_damage(source.path)
+    if damaged is not None:
+        return ModelLoadError(f"model.id: {damaged}", hint=_DAMAGED)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ModelLoadError(f"model.id: cannot load '{spec.id}': {first}")
 
 
 def resolve_dtype(name: str, config: Any, device: str) -> torch.dtype:
@@ -162,11 +228,13 @@ def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> Load
 
     spec = ModelSpec(id=spec) if isinstance(spec, str) else spec
     source = source or resolve_source(spec)
+    read_config_json(source.path)  # a malformed config.json, named, before any reader trips over it
     custom = _custom_module_config(source.path, spec)
     try:
         config = custom or AutoConfig.from_pretrained(source.path, trust_remote_code=spec.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model.id: cannot read the config of '{spec.id}': {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"model.id: cannot read {source.path / 'config.json'}: {first}") from exc
     model_type = (getattr(config, "text_config", None) or config).model_type
     spec_for_model_type(model_type)  # fail before loading gigabytes
     device = resolve_device(spec.device)
@@ -180,15 +248,22 @@ def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> Load
                 "model.device_map needs accelerate", hint="pip install 'bakeedit[multigpu]'"
             ) from exc
         kwargs["device_map"] = spec.device_map
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"model.id: cannot load '{spec.id}': {exc}") from exc
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise _load_failure(spec, source, exc) from exc
     if not spec.device_map:
         model.to(device)
     model.eval()
     tokenizer = None
     if any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path)
+        except Exception as exc:  # tokenizers raises plain Exceptions for damaged files; any failure here is the file's
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelLoadError(f"model.id: cannot read the tokenizer in {source.path}: {first}",
+                                 hint=_DAMAGED) from exc
     layout = ModelLayout.for_config(config) if custom is not None else ModelLayout.for_model(model)
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, dtype=dtype)

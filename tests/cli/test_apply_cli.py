@@ -114,9 +114,16 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, tiny_checkpoint)
     assert "already exists" in result.stderr and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "mine"
 
+    # --overwrite replaces only what bakeedit wrote: a folder of the user's is refused, naming what is in the way.
     result = run("apply", str(path), "-o", str(out), "--overwrite")
+    assert result.exit_code == 1 and "not a bakeedit output" in result.stderr, result.output
+    assert (out / "keep.txt").read_text() == "mine" and leftovers(tmp_path, "out") == ["out"]
+
+    (out / "keep.txt").unlink()
+    assert run("apply", str(path), "-o", str(out), "--overwrite").exit_code == 0  # an empty folder may be filled
+    result = run("apply", str(path), "-o", str(out), "--overwrite")  # and a bakeedit output replaced
     assert result.exit_code == 0, result.output
-    assert not (out / "keep.txt").exists() and (out / "bakeedit.json").exists()
+    assert (out / "bakeedit.json").exists()
     assert leftovers(tmp_path, "out") == ["out"]
 
 

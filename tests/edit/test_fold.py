@@ -14,25 +14,14 @@ from bakeedit.models.arch import ModelLayout
 from bakeedit.neurons import Neuron
 from bakeedit.recipe import EditSpec
 
-from tiny_models import probe_ids, tiny_model
-
-
-def every_site_edit(layout: ModelLayout) -> list[Neuron]:
-    """Three neurons per site on every layer: masked (0), enhanced (2.5) and a non-round lambda."""
-    neurons = []
-    for layer in range(layout.n_layers):
-        for site in layout.sites:
-            size = layout.site_size(site)
-            for index, lam in ((0, 0.0), (size // 2, 2.5), (size - 1, 1.37)):
-                neurons.append(Neuron(layer=layer, site=site, index=index, **{"lambda": lam}))
-    return neurons
+from tiny_models import every_site_neurons, probe_ids, tiny_model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_saved_fold_matches_runtime_hooks(arch, dtype, tmp_path):
     model = tiny_model(arch, dtype=dtype)
     layout = ModelLayout.for_model(model)
-    plan = build_plan(every_site_edit(layout), EditSpec(), layout)
+    plan = build_plan(every_site_neurons(layout), EditSpec(), layout)
     ids = probe_ids(batch=3, seq=12)
     with torch.no_grad():
         base = model(ids).logits.float()
@@ -53,7 +42,7 @@ def test_saved_fold_matches_runtime_hooks(arch, dtype, tmp_path):
 
 def test_hooks_are_removed_after_the_block(tiny):
     layout = ModelLayout.for_model(tiny)
-    plan = build_plan(every_site_edit(layout), EditSpec(), layout)
+    plan = build_plan(every_site_neurons(layout), EditSpec(), layout)
     ids = probe_ids()
     with torch.no_grad():
         before = tiny(ids).logits
@@ -67,7 +56,7 @@ def test_tied_embeddings_are_left_alone(tmp_path):
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     embed = model.get_input_embeddings().weight.detach().clone()
     layout = ModelLayout.for_model(model)
-    fold_plan(model, layout, build_plan(every_site_edit(layout), EditSpec(), layout))
+    fold_plan(model, layout, build_plan(every_site_neurons(layout), EditSpec(), layout))
     assert torch.equal(model.get_input_embeddings().weight, embed)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)

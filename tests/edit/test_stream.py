@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,7 @@ from bakeedit.models.load import load_model
 from bakeedit.neurons import Neuron
 from bakeedit.recipe import EditSpec, ModelSpec
 
-from tiny_models import probe_ids, tiny_model, tiny_tokenizer
+from tiny_models import every_site_neurons, probe_ids, tiny_model, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,14 +47,8 @@ def sharded_checkpoint(arch: str, folder: Path, dtype: torch.dtype = torch.bfloa
 
 
 def edit_everything(layout: ModelLayout):
-    """Three neurons per site on every layer: lambdas 0, 2.5 (not exact in bf16 products) and 1.37."""
-    neurons = []
-    for layer in range(layout.n_layers):
-        for site in layout.sites:
-            size = layout.site_size(site)
-            for index, lam in ((0, 0.0), (size // 2, 2.5), (size - 1, 1.37)):
-                neurons.append(Neuron(layer=layer, site=site, index=index, **{"lambda": lam}))
-    return build_plan(neurons, EditSpec(), layout)
+    """Three neurons per site (routed experts included) on every layer: lambdas 0, 2.5 and 1.37."""
+    return build_plan(every_site_neurons(layout), EditSpec(), layout)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -214,29 +207,34 @@ def test_a_killed_stream_leaves_no_output(tmp_path, sig):
     base = sharded_checkpoint("llama", tmp_path / "base")
     plan = edit_everything(ModelLayout.for_model(tiny_model("llama")))
     (tmp_path / "plan.json").write_text(plan.model_dump_json())
-    flag = tmp_path / "first-shard-written"
+    # Synchronised by pipes, not by time: the child writes one byte after its first shard, then blocks reading a
+    # pipe that the parent never writes, so the signal always lands mid-bake.
+    ready_r, ready_w = os.pipe()
+    hold_r, hold_w = os.pipe()
     script = textwrap.dedent(f"""
-        import pathlib, time
+        import os, pathlib
         from bakeedit.edit import stream
         from bakeedit.edit.plan import EditPlan
         real = stream._write_shard
-        def slow(*args):
+        def held(*args):
             real(*args)
-            pathlib.Path({str(flag)!r}).touch()
-            time.sleep(120)
-        stream._write_shard = slow
+            os.write({ready_w}, b"1")
+            os.read({hold_r}, 1)
+        stream._write_shard = held
         plan = EditPlan.model_validate_json(pathlib.Path({str(tmp_path / "plan.json")!r}).read_text())
         stream.bake_checkpoint(pathlib.Path({str(base)!r}), plan, pathlib.Path({str(tmp_path / "out")!r}))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.DEVNULL,
+                            pass_fds=(ready_w, hold_r))
+    os.close(ready_w)
+    os.close(hold_r)
     try:
-        deadline = time.monotonic() + 60
-        while not flag.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the stream never wrote its first shard"
-            time.sleep(0.05)
+        assert os.read(ready_r, 1) == b"1", "the stream exited before writing its first shard"
         os.kill(proc.pid, sig)
     finally:
-        code = proc.wait(timeout=60)
+        code = proc.wait(timeout=120)
+        os.close(ready_r)
+        os.close(hold_w)
     assert code != 0
     assert not (tmp_path / "out").exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]

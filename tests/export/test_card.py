@@ -13,9 +13,16 @@ from baked_folders import NONLINEAR, add_evaluation, bake
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
+from bakeedit.apply_eval import record_evaluation
 from bakeedit.cli import main
 from bakeedit.export.card import CARD_FILE, GENERATED_MARKER, HEATMAP_FILE, write_card
-from bakeedit.export.provenance import check_file_hashes, read_provenance
+from bakeedit.export.provenance import (
+    check_file_hashes,
+    check_folder,
+    read_provenance,
+    refresh_manifest,
+    write_provenance,
+)
 from bakeedit.models.embedded import file_sha256
 
 GOLDEN = Path(__file__).parent / "golden" / "card_structure.txt"
@@ -25,7 +32,7 @@ UPDATE_GOLDEN = os.environ.get("BAKEEDIT_UPDATE_GOLDEN") == "1"
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory) -> Path:
     folder = bake(tmp_path_factory.mktemp("card"))
-    add_evaluation(folder)
+    record_evaluation(folder, folder / "eval", add_evaluation(folder))  # as `bakeedit eval` records it
     write_card(folder)
     return folder
 
@@ -86,15 +93,20 @@ def test_body_traces_every_number_to_the_evidence(evaluated):
     assert "WinoGender is small" not in text
     assert "`recipe.yaml`" in text and prov.recipe.sha256[:16] in text
     for name, digest in prov.files_sha256.items():
+        if name in (CARD_FILE, HEATMAP_FILE):  # the card cannot hold its own hash; the heat map: drawn with it
+            continue
         assert f"| `{name}` |" in text and digest[:16] in text
+    assert CARD_FILE in prov.files_sha256 and "eval/results.json" in prov.files_sha256  # every file is hashed
+    assert check_folder(evaluated) is not None
     assert "from_pretrained('path/to/out')" in text and "trust_remote_code" not in text
 
 
 def test_hub_base_model_gets_base_model_relation_and_license(tmp_path):
     folder = bake(tmp_path)
-    raw = json.loads((folder / "bakeedit.json").read_text())
-    raw["base_model"].update(hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", license="apache-2.0")
-    (folder / "bakeedit.json").write_text(json.dumps(raw))  # not a hashed file: the folder still verifies
+    prov = read_provenance(folder)
+    prov.base_model = prov.base_model.model_copy(update={"hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                         "license": "apache-2.0"})
+    write_provenance(folder, prov)  # as apply would have written it for a Hub base (a new digest)
     write_card(folder, repo_id="someone/tiny-edit")
     card = ModelCard.load(folder / CARD_FILE)
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -106,15 +118,18 @@ def test_hub_base_model_gets_base_model_relation_and_license(tmp_path):
 
 def test_card_command_regenerates_atomically_and_keeps_hashes(tmp_path):
     folder = bake(tmp_path)
-    raw = json.loads((folder / "bakeedit.json").read_text())
-    raw["recipe"]["data"]["description"] = "a rewritten description"
-    (folder / "bakeedit.json").write_text(json.dumps(raw))
+    prov = read_provenance(folder)
+    prov.recipe.data["description"] = "a rewritten description"
+    write_provenance(folder, prov)
+    (folder / CARD_FILE).write_text("edited by hand")  # card rewrites the card: a hand-edited one is replaced
     result = CliRunner().invoke(main, ["card", str(folder)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(folder / CARD_FILE)
     assert "> a rewritten description" in (folder / CARD_FILE).read_text()
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
     assert check_file_hashes(folder, read_provenance(folder)) == []
+    assert read_provenance(folder).files_sha256[CARD_FILE] == file_sha256(folder / CARD_FILE)
+    check_folder(folder)  # digest and plan too
     staged = write_card(folder, local_name="final-name").read_text()  # as apply writes it in its staging folder
     assert "from_pretrained('path/to/final-name')" in staged
 
@@ -124,6 +139,7 @@ def test_malformed_results_fail_the_card_with_the_file_named(tmp_path):
     written_by_apply = (folder / CARD_FILE).read_text()
     (folder / "eval").mkdir()
     (folder / "eval" / "results.json").write_text('{"results": {"edited": [{"task": 1}]}}')
+    refresh_manifest(folder, ["eval/"])  # recorded (as if bakeedit wrote it), so only its content is wrong
     result = CliRunner().invoke(main, ["card", str(folder)])
     assert result.exit_code == 1
     assert "results.json" in result.output and "Traceback" not in result.output

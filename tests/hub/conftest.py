@@ -11,14 +11,16 @@ from baked_folders import add_evaluation, bake
 from hub_clients import SERVER_LIFETIME_S, olah_server
 from hub_double import HubDouble
 
+from bakeedit.apply_eval import record_evaluation
 from bakeedit.export.card import write_card
 
 
 @pytest.fixture(scope="module")
 def baked(tmp_path_factory) -> Path:
-    """A verified tiny folder with an evaluation and its card (module-scoped: tests copy it before changing it)."""
+    """A verified tiny folder with an evaluation and its card (module-scoped: tests copy it before changing it).
+    The evaluation is recorded in bakeedit.json as ``bakeedit eval`` records it, so the folder stays valid."""
     folder = bake(tmp_path_factory.mktemp("baked"), name="tiny-edit")
-    add_evaluation(folder)
+    record_evaluation(folder, folder / "eval", add_evaluation(folder))
     write_card(folder)
     return folder
 

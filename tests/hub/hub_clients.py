@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,10 +25,19 @@ SERVER_LIFETIME_S = 300
 CLIENT_TIMEOUT_S = 240
 OLAH_START_TIMEOUT_S = 60
 # olah with a watchdog thread: the process exits by itself after its lifetime, whatever happens to the test.
+# Readiness is a byte on a pipe (argv[4]) written once uvicorn's startup has bound the socket: no polling.
 OLAH_MAIN = (
     "import os, sys, threading\n"
     "threading.Thread(target=lambda: (threading.Event().wait(float(sys.argv[3])), os._exit(0)), daemon=True).start()\n"
+    "ready = int(sys.argv[4])\n"
     "sys.argv = ['olah-cli', '-c', sys.argv[1], '--log-path', sys.argv[2]]\n"
+    "import uvicorn\n"
+    "_startup = uvicorn.Server.startup\n"
+    "async def startup(self, sockets=None):\n"
+    "    await _startup(self, sockets=sockets)\n"
+    "    if self.started:\n"
+    "        os.write(ready, b'1')\n"
+    "uvicorn.Server.startup = startup\n"
     "from olah.server import cli\n"
     "cli()\n"
 )
@@ -100,17 +107,12 @@ def git_mirror(folder: Path, mirrors: Path, repo_id: str) -> Path:
     return repo
 
 
-def _wait_until_answering(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + OLAH_START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            urllib.request.urlopen(f"{url}/api/whoami-v2", timeout=1)
-            return
-        except urllib.error.HTTPError:
-            return  # an HTTP answer, whatever its status: the server is up
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"olah did not start within {OLAH_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+def _wait_until_ready(ready_r: int, proc: subprocess.Popen, log: Path) -> None:
+    """Block until the server writes its readiness byte (or exits, or the start timeout passes)."""
+    readable, _, _ = select.select([ready_r], [], [], OLAH_START_TIMEOUT_S)
+    if not readable or os.read(ready_r, 1) != b"1":
+        state = f"exited with {proc.poll()}" if proc.poll() is not None else f"silent for {OLAH_START_TIMEOUT_S} s"
+        raise RuntimeError(f"olah did not start ({state}):\n{log.read_text()[-3000:]}")
 
 
 @contextmanager
@@ -123,16 +125,20 @@ def olah_server(mirrors: Path, work: Path) -> Iterator[str]:
         f'mirrors-path = ["{mirrors}"]\n[accessibility]\noffline = true\n'
     )
     log = work / "olah.log"
+    ready_r, ready_w = os.pipe()
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-c", OLAH_MAIN, str(config), str(work / "logs"), str(SERVER_LIFETIME_S)],
+            [sys.executable, "-c", OLAH_MAIN, str(config), str(work / "logs"), str(SERVER_LIFETIME_S), str(ready_w)],
             cwd=work, stdout=out, stderr=subprocess.STDOUT, env=client_env(work, "http://127.0.0.1:9", None),
+            pass_fds=(ready_w,),
         )
+        os.close(ready_w)  # the child's copy is the only writer: its exit means EOF here
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_until_answering(url, proc, log)
+            _wait_until_ready(ready_r, proc, log)
             yield url
         finally:
+            os.close(ready_r)
             proc.terminate()
             try:
                 proc.wait(timeout=10)

@@ -1,18 +1,22 @@
 """A protocol double of the Hugging Face Hub for tests: the HTTP endpoints huggingface_hub (2.x, without Xet) calls
 to create a repository, commit files to it and read them back, on 127.0.0.1 only.
 
-It is not a Hub. It knows one user and one token, model repositories, branches and the basic LFS transfer; no pull
-requests, no Xet, no multipart uploads, no deletions (bakeedit never deletes). It is strict on purpose: a request it
-does not understand (an unknown endpoint, query parameter, JSON key or NDJSON line) is answered 400 and recorded in
-``rejected`` (``strict_http.py``), and every test asserts ``rejected == []``, so a change in the client's protocol
-fails a test instead of passing silently. Bodies follow what ``huggingface_hub/_commit_api.py`` and ``lfs.py`` send:
+It is not a Hub. It knows one user and one token, model repositories, branches, the basic LFS transfer and file
+and folder deletions in a commit (``bakeedit push`` deletes what the folder lacks); no pull requests, no multipart
+uploads and no Xet: it answers Xet's token endpoint 404, as a server without Xet does. It is strict on purpose: a
+request it does not understand (an unknown endpoint, query parameter, JSON key or NDJSON line) is answered 400 and
+recorded in ``rejected`` (``strict_http.py``), and every test asserts ``rejected == []``, so a change in the
+client's protocol fails a test instead of passing silently. Bodies follow what ``huggingface_hub/_commit_api.py``
+and ``lfs.py`` send:
 
 * ``POST /api/repos/create`` {name, organization, visibility?, type?} -> {url}; 409 {error, url} if it exists.
 * ``POST /api/validate-yaml`` {content, repoType} -> {errors, warnings}; checks the card's front matter.
 * ``POST /api/models/{repo}/preupload/{rev}`` {files: [{path, sample, size}]} -> upload mode per file.
 * ``POST /{repo}.git/info/lfs/objects/batch`` (git-lfs batch API) -> a one-time PUT URL per missing object and a
   verify action; ``PUT`` the bytes (checked against oid and size); ``POST`` verify.
-* ``POST /api/models/{repo}/commit/{rev}`` NDJSON: a header line, then file and lfsFile lines.
+* ``POST /api/models/{repo}/commit/{rev}`` NDJSON: a header line, then file, lfsFile, deletedFile and
+  deletedFolder lines (a deletion of a path the branch lacks is answered 404, as the Hub does).
+* ``GET /api/models/{repo}/xet-write-token/{rev}`` -> 404: no Xet here (the client must say so, not "offline").
 * ``POST /api/models/{repo}/branch/{branch}``; reads: ``GET /api/models/{repo}[/revision/{rev}]``,
   ``GET .../tree/{rev}[/path]``, ``HEAD/GET /{repo}/resolve/{rev}/{path}`` (X-Repo-Commit, ETag), whoami-v2.
 
@@ -295,11 +299,29 @@ class HubDouble(StrictServer):
                 if value["algo"] != "sha256" or size < 0 or value.get("size", size) != size:
                     raise Reject(422, f"{PREFIX} LFS object {value['oid'][:12]} was not uploaded")
                 tree[_path(value["path"])] = Entry(size, value["oid"], True)
+            elif key in ("deletedFile", "deletedFolder"):
+                _keys(value, {"path"}, {"path"}, key)
+                self._delete(tree, _path(value["path"]), folder=key == "deletedFolder")
             else:
                 raise Reject(400, f"{PREFIX} unsupported NDJSON key {key!r}")
         oid = self._new_commit(repo_, branch, tree, header["summary"])
         return {"success": True, "commitOid": oid, "commitUrl": f"{self.url}/{repo}/commit/{oid}",
                 "commitMessage": header["summary"], "hookOutput": "", "pullRequestUrl": None}
+
+    @staticmethod
+    def _delete(tree: dict[str, Entry], path: str, folder: bool) -> None:
+        """Remove ``path`` (or every file under it) from the commit's tree; absent paths are an error."""
+        if folder:
+            doomed = [name for name in tree if name.startswith(path.rstrip("/") + "/")]
+        else:
+            doomed = [path] if path in tree else []
+        if not doomed:
+            raise Reject(404, f"Entry not found: {path}", "EntryNotFound")  # the Hub's answer, not a rejection
+        for name in doomed:
+            del tree[name]
+
+    def xet_token(self, req, authed, repo, rev):
+        raise Reject(404, "Not Found")  # a server without Xet; not a protocol rejection
 
     # ------------------------------------------------------------------------------------------------ reads
     def model_info(self, req, authed, repo, rev="main"):
@@ -361,6 +383,7 @@ class HubDouble(StrictServer):
         ("PUT", r"/__double/lfs/(?P<ticket>[0-9a-f]{32})", "lfs_put"),
         ("POST", rf"/__double/lfs-verify/{_REPO}", "lfs_verify"),
         ("POST", rf"/api/models/{_REPO}/commit/{_REV}", "commit"),
+        ("GET", rf"/api/models/{_REPO}/xet-write-token/{_REV}", "xet_token"),
         ("GET", rf"/api/models/{_REPO}(?:/revision/{_REV})?", "model_info"),
         ("GET", rf"/api/models/{_REPO}/tree/{_REV}(?:/(?P<path>.+))?", "tree"),
         ("GET", rf"/{_REPO}/resolve/{_REV}/(?P<path>.+)", "resolve"),

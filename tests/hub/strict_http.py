@@ -49,7 +49,7 @@ class StrictServer:
 
     def __init__(self, max_lifetime: float = 300.0):
         self.max_lifetime = max_lifetime
-        self.failures: dict[str, list[int]] = {}  # handler name -> statuses to answer next (then normal again)
+        self.failures: dict[str, list[int | None]] = {}  # handler -> statuses to answer next (None: serve normally)
         self.requests: list[tuple[str, str]] = []
         self.rejected: list[str] = []
         self.lock = threading.Lock()
@@ -79,9 +79,10 @@ class StrictServer:
         assert self._server is not None, "the double is not running"
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def fail_next(self, handler: str, status: int, times: int = 1) -> None:
-        """Answer the next ``times`` requests routed to ``handler`` (e.g. ``commit``) with ``status``."""
-        self.failures.setdefault(handler, []).extend([status] * times)
+    def fail_next(self, handler: str, status: int, times: int = 1, after: int = 0) -> None:
+        """Answer the next ``times`` requests routed to ``handler`` (e.g. ``commit``) with ``status``, after serving
+        ``after`` of them normally."""
+        self.failures.setdefault(handler, []).extend([None] * after + [status] * times)
 
     def authenticate(self, headers) -> bool:
         """Whether the request carries valid credentials (raise :class:`Reject` for invalid ones)."""
@@ -138,8 +139,9 @@ class _Handler(BaseHTTPRequestHandler):
             unknown = set(self.query) - double.QUERY.get(name, set())
             if unknown:
                 raise Reject(400, f"{PREFIX} {name} does not know query parameters {sorted(unknown)}")
-            if double.failures.get(name):
-                raise Reject(double.failures[name].pop(0), "Internal Error (injected by the test)")
+            injected = double.failures[name].pop(0) if double.failures.get(name) else None
+            if injected is not None:
+                raise Reject(injected, "Internal Error (injected by the test)")
             with double.lock:
                 authed = double.authenticate(self.headers)
                 result = getattr(double, name)(self, authed, **{k: v for k, v in match.groupdict().items() if v})

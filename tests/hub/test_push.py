@@ -12,6 +12,7 @@ from hub_clients import bakeedit, check_remote
 
 from bakeedit.cli import main
 from bakeedit.export.hub import PushError, push_folder
+from bakeedit.export.provenance import refresh_manifest
 
 REPO_ID = "tester/tiny-edit"
 
@@ -112,6 +113,7 @@ def test_push_refuses_offline_mode_and_files_holding_the_token(baked, tmp_path, 
     folder = tmp_path / "leaky"
     shutil.copytree(baked, folder)
     (folder / "notes.txt").write_text("token: hf_" + "s" * 30)
+    refresh_manifest(folder, ["notes.txt"])  # listed, as if bakeedit wrote it: only the token check can refuse it
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens; nothing must be sent
     with pytest.raises(PushError, match=r"notes\.txt: this file contains your Hugging Face token") as err:
@@ -119,9 +121,10 @@ def test_push_refuses_offline_mode_and_files_holding_the_token(baked, tmp_path, 
     assert "hf_sss" not in str(err.value) + str(err.value.hint)
 
 
-def test_files_left_by_an_earlier_push_are_reported(baked, hub, token, tmp_path, monkeypatch):
-    """In-process through ``push_folder(endpoint=...)``: upload_folder adds and overwrites but never deletes, so a
-    weight file of an earlier push that the folder lacks is reported rather than silently left beside the new ones."""
+def test_files_of_an_earlier_push_that_the_folder_lacks_are_deleted_in_the_same_commit(baked, hub, token, tmp_path,
+                                                                                        monkeypatch):
+    """In-process through ``push_folder(endpoint=...)``: upload_folder adds and overwrites, so the push asks it to
+    delete every other file of the branch in the same commit (deletedFile lines): an old shard cannot stay online."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -129,12 +132,16 @@ def test_files_left_by_an_earlier_push_are_reported(baked, hub, token, tmp_path,
     monkeypatch.setenv("HF_TOKEN", token)
     first = tmp_path / "first"
     shutil.copytree(baked, first)
-    (first / "old-shard.safetensors").write_bytes(b"not a real shard")  # not recorded in bakeedit.json: allowed
+    (first / "old-shard.safetensors").write_bytes(b"not a real shard")
+    refresh_manifest(first, ["old-shard.safetensors"])  # recorded, as if an earlier bake had written it
     assert push_folder(first, REPO_ID, endpoint=hub.url).stale == []
+    assert "old-shard.safetensors" in hub.files(REPO_ID)
     second = tmp_path / "second"
     shutil.copytree(baked, second)
     result = push_folder(second, REPO_ID, endpoint=hub.url)
-    assert result.stale == ["old-shard.safetensors"]
+    assert result.stale == [] and "old-shard.safetensors" not in hub.files(REPO_ID)
+    assert set(hub.files(REPO_ID)) == {".gitattributes", *(p.relative_to(second).as_posix()
+                                                            for p in second.rglob("*") if p.is_file())}
     assert result.commit_oid == hub.repos[REPO_ID].branches["main"] and "README.md" in result.checked
 
 
@@ -146,7 +153,8 @@ def test_a_failure_after_the_commit_does_not_claim_nothing_was_pushed(baked, hub
     monkeypatch.setenv("HF_TOKEN", token)
     folder = tmp_path / "tiny-edit"
     shutil.copytree(baked, folder)
-    hub.fail_next("tree", 403)  # the listing that checks the new commit (5xx would be retried with backoff)
+    # the listing that checks the new commit, after the one that finds the files to delete (5xx would be retried)
+    hub.fail_next("tree", 403, after=1)
     with pytest.raises(PushError, match="was made on 'tester/tiny-edit', but checking it failed") as err:
         push_folder(folder, REPO_ID, endpoint=hub.url)
     assert hub.repos[REPO_ID].branches["main"] in str(err.value) and "nothing was pushed" not in str(err.value)

@@ -12,6 +12,8 @@ from bakeedit.models.hookpoints import site_hooks
 from tiny_models import ARCHS, probe_ids, tiny_model
 
 CANDIDATE_SITES = ("mlp.gate", "mlp.act", "attn.q", "attn.v")
+#: float32 ulps of P(x) below which an IG completeness error is rounding, not Riemann error (measured: up to 2).
+NOISE_ULPS = 8
 
 
 def _full_probability(model, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
@@ -122,6 +124,10 @@ def test_completeness_within_riemann_error(arch_name: str):
     site = "mlp.act"
     with torch.no_grad():
         p_x = float(_full_probability(model, prompt, answer))
+    # Both sides are float32 sums at the scale of P(x): errors below a few ulps of P(x) are rounding, and their
+    # order says nothing (gpt2 went 9.4e-10, 1.0e-10, 2.1e-10 on one machine). Compare only above that floor.
+    floor = NOISE_ULPS * torch.finfo(torch.float32).eps * p_x
+    converging_layers = 0
     for layer in range(layout.n_layers):
         delta = p_x - _zeroed_probability(model, layout, prompt, answer, layer, site)
         errors = {}
@@ -130,8 +136,12 @@ def test_completeness_within_riemann_error(arch_name: str):
             errors[steps] = abs(float(res.attributions[(layer, site)].sum()) - delta)
         assert abs(delta) > 1e-6, "the site must matter for the property to say anything"
         # Right Riemann sums of a smooth path converge as O(1/m): 10x the steps, ~10x less error.
-        assert errors[500] < errors[50] < errors[5], errors
-        assert errors[500] <= 0.02 * abs(delta) + 1e-7, (errors, delta)
+        for coarse, fine in ((5, 50), (50, 500)):
+            if errors[coarse] > floor:
+                assert errors[fine] < errors[coarse], (errors, floor)
+        converging_layers += errors[5] > floor
+        assert errors[500] <= 0.02 * abs(delta) + floor, (errors, delta)
+    assert converging_layers, "no layer's 5-step error was above the rounding floor: the test would show nothing"
 
 
 def test_answer_probability_is_mean_over_answer_tokens():

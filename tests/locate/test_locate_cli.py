@@ -11,7 +11,7 @@ from coco_helpers import write_contrast_file
 
 import bakeedit.locate.responses as responses_mod
 from bakeedit.cli import main
-from bakeedit.neurons import NeuronSet
+from bakeedit.neurons import Neuron, NeuronSet
 
 
 def run(*args: str):
@@ -62,7 +62,8 @@ def test_interrupted_locate_resumes_from_the_cache(tmp_path, tiny_checkpoint, mo
     assert (out.parent / "neurons.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out.parent / "neurons.report.json").read_text())
     assert report["n_selected"] == len(resumed.neurons)
-    assert resumed.params["report"] == str((out.parent / "neurons.report.json").resolve())
+    assert resumed.params["report"] == "neurons.report.json"  # beside the file, by name: no machine path
+    assert str(tmp_path) not in out.read_text()
     assert "attn.q" in result.stderr and f"{len(resumed.neurons)} coco neurons" in result.stderr
     assert not [p.name for p in out.parent.iterdir() if ".tmp-" in p.name]
 
@@ -75,6 +76,9 @@ def test_refuses_to_overwrite_without_the_flag(tmp_path, tiny_checkpoint, monkey
     result = run("locate", str(recipe), "-o", str(out))
     assert result.exit_code == 1 and "exists" in result.stderr and "--overwrite" in result.stderr
     assert out.read_text() == "{}"
+    result = run("locate", str(recipe), "-o", str(out), "--overwrite")  # not a neurons file: never replaced
+    assert result.exit_code == 1 and out.read_text() == "{}", result.output
+    NeuronSet(method="explicit", neurons=[Neuron(layer=0, site="attn.q", index=1)]).save(out)
     result = run("locate", str(recipe), "-o", str(out), "--overwrite")
     assert result.exit_code == 0, result.output
     assert NeuronSet.load(out).method == "coco"
@@ -89,8 +93,14 @@ def test_a_recipe_without_a_locate_block_is_explained(tmp_path, tiny_checkpoint)
     assert "no 'locate:' block" in result.stderr and "hint" in result.stderr
 
 
-def test_bad_locate_parameters_fail_before_the_model_loads(tmp_path):
-    path = tmp_path / "bad.yaml"
-    path.write_text("name: x\nmodel: /nonexistent/model\nlocate: {method: coco, temprature: 2}\n")
+def test_bad_locate_parameters_fail_before_the_model_loads(tmp_path, tiny_checkpoint, monkeypatch):
+    import bakeedit.cli.locate as locate_cli
+
+    def no_load(*_args, **_kwargs):
+        raise AssertionError("the model must not load for a recipe with bad locate parameters")
+
+    monkeypatch.setattr(locate_cli, "load_model", no_load)
+    path = tmp_path / "bad.yaml"  # a missing model.id is itself refused when the recipe is read: use a real one
+    path.write_text(f"name: x\nmodel: {tiny_checkpoint('llama')}\nlocate: {{method: coco, temprature: 2}}\n")
     result = run("locate", str(path), "-o", str(tmp_path / "n.json"))
     assert result.exit_code == 1 and "locate.temprature" in result.stderr

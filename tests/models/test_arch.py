@@ -7,8 +7,9 @@ import torch
 
 from bakeedit.errors import UnsupportedArchitecture
 from bakeedit.models.arch import SITES, ModelLayout, supported_model_types
+from bakeedit.models.spec import SHARED_SITES
 
-from tiny_models import tiny_model
+from tiny_models import probe_ids, tiny_model
 
 # Tiny models: hidden 32, 4 query heads over 2 kv heads (head_dim 8), FFN 48. GPT-2/NeoX have no GQA.
 # (arch, site, index) -> (parameter name in block 1, feature axis of the weight, expected channel)
@@ -34,6 +35,14 @@ EXPECTED = [
     ("gpt_neox", "attn.k", 9, "attention.query_key_value.weight", 0, 24 + 8 + 1),
     ("gpt_neox", "attn.v", 17, "attention.query_key_value.weight", 0, 48 + 16 + 1),
     ("gpt_neox", "mlp.act", 7, "mlp.dense_4h_to_h.weight", 1, 7),
+    # Families that are only a data file: phi (phi-like pattern), olmo2/stablelm/cohere (llama-like).
+    ("phi", "attn.q", 9, "self_attn.q_proj.weight", 0, 9),
+    ("phi", "attn.o_in", 20, "self_attn.dense.weight", 1, 20),
+    ("phi", "mlp.up", 40, "mlp.fc1.weight", 0, 40),
+    ("phi", "mlp.act", 40, "mlp.fc2.weight", 1, 40),
+    ("olmo2", "attn.k", 11, "self_attn.k_proj.weight", 0, 11),
+    ("stablelm", "attn.v", 3, "self_attn.v_proj.weight", 0, 3),
+    ("cohere", "mlp.up", 7, "mlp.up_proj.weight", 0, 7),
 ]
 
 
@@ -108,3 +117,64 @@ def test_unsupported_architecture_lists_supported_ones():
     for name in ("llama", "qwen2", "gpt2", "gpt_neox", "phi3", "gemma3_text"):
         assert name in info.value.hint
     assert set(supported_model_types()) >= {"llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "phi3"}
+
+
+def _renamed_llama(model_type: str):
+    """A tiny Llama whose config claims a model type no architecture file names."""
+    model = tiny_model("llama")
+    model.config.model_type = model_type
+    return model
+
+
+def test_unknown_type_with_a_known_layout_is_offered_the_pattern_as_a_guess():
+    with pytest.raises(UnsupportedArchitecture, match="match the llama-like layout") as info:
+        ModelLayout.for_model(_renamed_llama("mystery"))
+    assert "arch: llama-like" in info.value.hint
+
+
+def test_an_explicit_pattern_edits_an_unknown_type_like_its_family():
+    from bakeedit.edit import build_plan, fold_plan, runtime_edit
+    from bakeedit.neurons import Neuron
+    from bakeedit.recipe import EditSpec
+
+    model = _renamed_llama("mystery")
+    layout = ModelLayout.for_model(model, arch="llama-like")
+    assert layout.spec.model_types == ("mystery",) and layout.spec.pattern is None
+    assert layout.module_name(1, "mlp.act") == "model.layers.1.mlp.down_proj"
+    ids = probe_ids()
+    plan = build_plan([Neuron(layer=1, site="mlp.act", index=5), Neuron(layer=0, site="attn.v", index=2)],
+                      EditSpec.model_validate({"lambda": 3.0}), layout)
+    with torch.no_grad():
+        base = model(ids).logits
+        with runtime_edit(model, layout, plan):
+            hooked = model(ids).logits
+        fold_plan(model, layout, plan)
+        folded = model(ids).logits
+    assert (hooked - base).abs().max() > 1e-3  # the edit does something
+    torch.testing.assert_close(folded, hooked, atol=1e-5, rtol=0)
+
+
+def test_unknown_arch_name_lists_the_known_tables():
+    with pytest.raises(UnsupportedArchitecture, match="unknown architecture 'llama-ish'") as info:
+        ModelLayout.for_model(tiny_model("llama"), arch="llama-ish")
+    assert "llama-like" in info.value.hint and "phi-like" in info.value.hint
+
+
+def test_every_family_file_reads_and_claims_its_own_types():
+    from bakeedit.models.registry import families, patterns
+
+    names = [spec.name for spec in families()]
+    assert len(names) == len(set(names))
+    assert {"olmo2", "granite", "stablelm", "cohere", "phi", "smollm3", "qwen2_moe"} <= set(names)
+    assert set(patterns()) == {"llama-like", "phi-like"}
+    for spec in families():
+        assert spec.sites and spec.blocks, spec.source
+        assert set(spec.sites) <= set(SITES + SHARED_SITES), spec.source
+
+
+def test_a_malformed_family_file_is_one_line_naming_the_file():
+    from bakeedit.models import registry
+
+    bad = {"name": "broken", "model_types": ["broken"], "pattern": "llama-like", "sites": {"mlp.act": {"module": "x"}}}
+    with pytest.raises(UnsupportedArchitecture, match=r"broken.json: sites.mlp.act: give module, axis, size"):
+        registry._build(bad, "architectures/broken.json", registry.patterns()["llama-like"])

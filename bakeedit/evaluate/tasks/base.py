@@ -168,13 +168,23 @@ class Task(ABC):
             kind=self.kind,
             metrics=metrics,
             n=len(data.items),
-            data_source=data.source,
+            data_source=portable_source(data.source),
             data_sha256=data.sha256,
             limit=data.limit,
             seed=data.seed,
             breakdown=breakdown or {},
             extra=self.options(),
         )
+
+
+def portable_source(source: str) -> str:
+    """What a result records as its data source: a dataset id as given, a local file as its folder and name only
+    (``crows_pairs/crows_pairs_anonymized.csv``). Results are published in baked folders and cards, which must not
+    hold the machine's paths; the sha256 beside it identifies the exact file."""
+    path = Path(source)
+    if not path.is_absolute():
+        return source
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
 
 
 # ----------------------------------------------------------------------------------------------------- registry
