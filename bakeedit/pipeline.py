@@ -305,7 +305,13 @@ def verify_output(folder: Path, base: str | None = None, tolerance: float | None
 
     folder = Path(folder)
     provenance = check_folder(folder)
-    spec = ModelSpec.model_validate(provenance.recipe.data["model"])
+    # Placement is this machine's business: a folder baked on cuda:1 is verified here on whatever this machine has.
+    recorded = {**provenance.recipe.data["model"], "device": "auto", "device_map": None}
+    try:
+        spec = ModelSpec.model_validate(recorded)
+    except ValueError as exc:
+        raise VerificationError(f"{folder}/bakeedit.json: recipe.data.model: {str(exc).splitlines()[-1].strip()}",
+                                hint="re-run bakeedit apply; the record does not follow the recipe schema") from None
     spec = spec.model_copy(update={"id": _base_ref(provenance, base, folder), "dtype": provenance.dtype})
     loaded = load_model(spec)
     prompts = provenance.recipe.data.get("verify", {}).get("prompts")

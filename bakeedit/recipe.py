@@ -49,6 +49,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+#: ``device_map`` values accelerate understands as strategies (``from_pretrained(device_map=...)``).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def check_device(name: str) -> str:
     """``auto`` or a device torch can parse and this machine has: ``model.device: tpu`` or ``cuda`` on a machine
     without one fails when the recipe is read, not after the model was loaded on the CPU."""
@@ -109,6 +113,18 @@ class ModelSpec(_Strict):
     @classmethod
     def _known_device(cls, device: str) -> str:
         return check_device(device)
+
+    @field_validator("device_map")
+    @classmethod
+    def _known_device_map(cls, device_map: str | None) -> str | None:
+        """accelerate's placement strategies, or one device (everything on it)."""
+        if device_map is None or device_map in DEVICE_MAP_STRATEGIES:
+            return device_map
+        try:
+            return check_device(device_map)
+        except ValueError:
+            raise ValueError(f"'{device_map}' is neither a placement strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) "
+                             "nor a device (cpu, cuda:N, mps)") from None
 
     @property
     def hub_only(self) -> bool:

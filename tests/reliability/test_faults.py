@@ -304,6 +304,8 @@ CASES = [
          before_model=True),
     Case("device-missing-cuda", lambda ws, _: _apply(ws, f"{{id: {ws.base}, device: 'cuda:99'}}"),
          ("model.device",), before_model=True),
+    Case("device-map-banana", lambda ws, _: _apply(ws, f"{{id: {ws.base}, device_map: banana}}"),
+         ("model.device_map",), before_model=True),
     Case("max-shard-size-banana", lambda ws, _: _apply(ws, ws.base, extra="export: {max_shard_size: banana}\n"),
          ("export.max_shard_size",), before_model=True),
     Case("max-shard-size-zero", lambda ws, _: _apply(ws, ws.base, extra="export: {max_shard_size: 0GB}\n"),

@@ -235,3 +235,25 @@ def test_no_written_file_holds_an_absolute_local_path(tmp_path, tiny_checkpoint)
     assert_one_clear_line(outcome, 1, "base_model.ref")
     assert "--base" in outcome.output
     assert run_cli("verify", str(out), "--base", str(tmp_path / "moved-base"), cwd=elsewhere).exit_code == 0
+
+
+
+def test_a_folder_baked_for_another_device_is_verified_on_this_one(tmp_path, monkeypatch):
+    """The recorded model.device is where apply ran; verify runs here: a cuda:1 record verified on this CPU machine
+    loads the base on this machine's device instead of failing on a device it lacks."""
+    import bakeedit.export.provenance as provenance_module
+    import bakeedit.pipeline as pipeline
+    from reliability_harness import run_cli
+
+    from baked_folders import bake
+
+    folder = bake(tmp_path)
+    prov = provenance_module.check_folder(folder)
+    prov.recipe.data["model"]["device"] = "cuda:1"  # as a GPU machine records it (the record itself is intact)
+    monkeypatch.setattr(provenance_module, "check_folder", lambda _folder: prov)
+    seen = {}
+    real = pipeline.load_model
+    monkeypatch.setattr(pipeline, "load_model", lambda spec: seen.setdefault("device", spec.device) and real(spec))
+    outcome = run_cli("verify", str(folder))
+    assert outcome.exit_code == 0, outcome.output
+    assert seen["device"] == "auto"
