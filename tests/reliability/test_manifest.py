@@ -241,11 +241,11 @@ def test_no_written_file_holds_an_absolute_local_path(tmp_path, tiny_checkpoint)
 def test_a_folder_baked_for_another_device_is_verified_on_this_one(tmp_path, monkeypatch):
     """The recorded model.device is where apply ran; verify runs here: a cuda:1 record verified on this CPU machine
     loads the base on this machine's device instead of failing on a device it lacks."""
-    import bakeedit.export.provenance as provenance_module
-    import bakeedit.pipeline as pipeline
+    from baked_folders import bake
     from reliability_harness import run_cli
 
-    from baked_folders import bake
+    import bakeedit.export.provenance as provenance_module
+    import bakeedit.pipeline as pipeline
 
     folder = bake(tmp_path)
     prov = provenance_module.check_folder(folder)
