@@ -7,8 +7,8 @@ Locate methods and evaluations loop over items (questions, prompt pairs, example
 :func:`gather_mapping` hand every process all results, in the single-process order, so the reduction that follows
 (means, top-k, thresholds) runs on identical inputs everywhere and gives the same NeuronSet as one process. Only
 rank 0 writes files (:func:`is_main`, :func:`main_first`). Evaluation shards at the scorer
-(:func:`make_scorer`): every log-likelihood or generation request a task makes is split over the ranks, so tasks
-need no change and every rank computes the same metrics.
+(:func:`bakeedit.evaluate.sharded.make_scorer`): every log-likelihood or generation request a task makes is split
+over the ranks, so tasks need no change and every rank computes the same metrics.
 
 Same result, bit for bit, needs the same computation per item: batch-1 work is, but a batched forward pass is not
 (a padded batch of other lengths changes float sums at the 1e-6 level). Batched work therefore forms the batches
@@ -22,11 +22,10 @@ devices of one process instead (the two are alternatives: every rank would sprea
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -177,76 +176,3 @@ def deal_batches(batches: Sequence[Sequence[T]], where: Ranks | None = None) -> 
     ``i % world_size`` (the batches are longest first, so the work stays balanced)."""
     where = where or ranks()
     return [(i, b) for i, b in enumerate(batches) if i % where.world_size == where.rank]
-
-
-def make_scorer(model: Any, tokenizer: Any, **kwargs: Any) -> Any:
-    """A :class:`bakeedit.evaluate.engine.Scorer`; in a process group of several ranks, one that splits every
-    request list over the ranks (see :func:`_sharded_scorer_class`) and hands every rank all results."""
-    from bakeedit.evaluate.engine import Scorer
-
-    cls = _sharded_scorer_class() if ranks().world_size > 1 else Scorer
-    return cls(model, tokenizer, **kwargs)
-
-
-@functools.cache
-def _sharded_scorer_class() -> type:
-    """The data-parallel Scorer (built on first use: the evaluation engine is not imported by locate runs).
-
-    Results equal one process's bit for bit: the requests are cut into the batches one process would form
-    (``evaluate/batching.py``: ``shared_batches`` for the packed and kv strategies, ``flat_batches`` for flat, the
-    longest-first cut of ``evaluate/generation.py`` for generation), whole batches are dealt out by
-    :func:`deal_batches`, and each batch is scored alone. Scoring one batch's requests forms exactly that batch
-    again (same sort, and every unit of it passed the fill rule against the same first row), so every number comes
-    from the same forward pass with the same padding companions as in a single process.
-    """
-    from bakeedit.evaluate.batching import flat_batches, shared_batches
-    from bakeedit.evaluate.engine import LLResult, Scorer
-
-    class ShardedScorer(Scorer):
-        def _batches(self, requests: Sequence[Any]) -> list[list[Any]]:
-            if self.mode == "flat":
-                return [list(b) for b in flat_batches(requests, self.batch_size)]
-            return [[r for g in groups for r in g]
-                    for groups in shared_batches(requests, self.batch_size, packed=self.mode == "packed")]
-
-        def score_tokens(self, requests: Sequence[Any]) -> list[LLResult]:
-            local: dict[int, LLResult] = {}
-            mine = deal_batches(self._batches(requests))
-            total, done, progress = sum(len(b) for _, b in mine), 0, self.progress
-            self.progress = None  # per-batch calls would each report their own totals
-            try:
-                for _, batch in mine:
-                    # re-indexed 0..k-1 in request order: the strategies write out[r.index] and break ties by it
-                    ordered = sorted(batch, key=lambda r: r.index)
-                    scored = super().score_tokens([replace(r, index=k) for k, r in enumerate(ordered)])
-                    local.update({r.index: res for r, res in zip(ordered, scored, strict=True)})
-                    done += len(batch)
-                    if progress is not None:
-                        progress("loglikelihood", done, total)
-            finally:
-                self.progress = progress
-            merged = gather_mapping(local)
-            return [merged[r.index] for r in requests]
-
-        def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str] = ()) -> list[str]:
-            # The order of generation.greedy_generate: longest encoded prompt first (stable), cut every batch_size.
-            room = max(1, self.max_length - max_new_tokens)
-            lengths = [max(1, min(room, len(ids) + self.add_bos_token)) for ids in self._encode_many(prompts)]
-            order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-            batches = [order[b:b + self.batch_size] for b in range(0, len(order), self.batch_size)]
-            local: dict[int, str] = {}
-            mine = deal_batches(batches)
-            total, progress = sum(len(b) for _, b in mine), self.progress
-            self.progress = None
-            try:
-                for _, idx in mine:
-                    texts = super().generate([prompts[i] for i in idx], max_new_tokens, stop)
-                    local.update(zip(idx, texts, strict=True))
-                    if progress is not None:
-                        progress("generate", len(local), total)
-            finally:
-                self.progress = progress
-            merged = gather_mapping(local)
-            return [merged[i] for i in range(len(prompts))]
-
-    return ShardedScorer

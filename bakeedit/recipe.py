@@ -15,18 +15,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
 import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    PrivateAttr,
     StrictBool,
     ValidationError,
     field_validator,
@@ -34,48 +31,19 @@ from pydantic import (
 )
 
 from bakeedit.errors import RecipeError
-from bakeedit.models.arch import SITES
-from bakeedit.neurons import Integer, Neuron, Number, format_validation_error, strict_number
+from bakeedit.maps import MAPS, check_params
+from bakeedit.models.embedded import EMBEDDED_ALIASES
+from bakeedit.models.load import local_layout
+from bakeedit.models.reference import HUB_ID, ModelSpec
+from bakeedit.models.spec import SITE_NAMES_HINT, is_site
+from bakeedit.neurons import Integer, Neuron, Number, check_neuron_count, format_validation_error, strict_number
 
 #: A recipe is a page of YAML; a bigger file is a mistake (a data file passed as the recipe, a pasted dump).
 MAX_RECIPE_BYTES = 1_000_000
-#: ``org/name``: what a recipe's relative ``model.id`` is taken for when no such path exists beside the recipe.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-
-DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-
-#: ``device_map`` values accelerate understands as strategies (``from_pretrained(device_map=...)``).
-DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def check_device(name: str) -> str:
-    """``auto`` or a device torch can parse and this machine has: ``model.device: tpu`` or ``cuda`` on a machine
-    without one fails when the recipe is read, not after the model was loaded on the CPU."""
-    if name == "auto":
-        return name
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        raise ValueError(f"'{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return name
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"'{name}' requested but this machine has no CUDA device; use auto or cpu")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"'{name}' requested but this machine has {count} CUDA device(s): cuda:0-cuda:{count - 1}")
-        return name
-    if device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"'{name}' requested but MPS is not available on this machine; use auto or cpu")
-        return name
-    raise ValueError(f"'{name}': bakeedit runs models on cpu, cuda or mps, not {device.type}")
 
 
 def shard_size_bytes(size: str) -> int:
@@ -92,43 +60,6 @@ def shard_size_bytes(size: str) -> int:
     if value <= 0:
         raise ValueError(f"'{size}' is not a positive size; e.g. 2GB")
     return value
-
-
-class ModelSpec(_Strict):
-    """Which model to load and how. ``id`` is a Hub id, a local folder, a ``.gguf`` file or ``embedded``.
-
-    ``hub_only`` (set by :func:`load_recipe`, not part of the schema) says ``id`` was looked for beside the recipe,
-    not found, and is therefore a Hub id: the loader must not try it as a folder relative to the working directory.
-    """
-
-    id: str
-    revision: str | None = None
-    dtype: DType = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    trust_remote_code: StrictBool = False
-    _hub_only: bool = PrivateAttr(default=False)
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, device: str) -> str:
-        return check_device(device)
-
-    @field_validator("device_map")
-    @classmethod
-    def _known_device_map(cls, device_map: str | None) -> str | None:
-        """accelerate's placement strategies, or one device (everything on it)."""
-        if device_map is None or device_map in DEVICE_MAP_STRATEGIES:
-            return device_map
-        try:
-            return check_device(device_map)
-        except ValueError:
-            raise ValueError(f"'{device_map}' is neither a placement strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) "
-                             "nor a device (cpu, cuda:N, mps)") from None
-
-    @property
-    def hub_only(self) -> bool:
-        return self._hub_only
 
 
 def _finite(value: float, what: str = "lambda") -> float:
@@ -169,8 +100,6 @@ def _check_map_params(map_name: str | None, params: dict[str, ParamValue] | None
     if type_ == "scale" and params:
         raise ValueError("'params' belong to a nonlinear map; a linear scale takes 'lambda'")
     if map_name is not None and params:
-        from bakeedit.edit.nonlinear import check_params  # lazy: bakeedit.edit imports this module
-
         for name, value in params.items():
             for v in value if isinstance(value, list) else [value]:
                 check_params(map_name, {name: v})
@@ -214,8 +143,8 @@ class EditOverride(_Strict):
     @classmethod
     def _known_sites(cls, sites: list[str] | None) -> list[str] | None:
         for site in sites or []:
-            if site not in SITES:
-                raise ValueError(f"unknown site '{site}'; allowed: {', '.join(SITES)}")
+            if not is_site(site):
+                raise ValueError(f"unknown site '{site}'; allowed: {SITE_NAMES_HINT}")
         return sites
 
     @field_validator("lambda_")
@@ -351,8 +280,6 @@ class EditSpec(_Strict):
 
 
 def _map_param_names(map_name: str | None) -> tuple[str, ...]:
-    from bakeedit.edit.nonlinear import MAPS  # lazy: bakeedit.edit imports this module
-
     return MAPS[map_name].params if map_name in MAPS else ()
 
 
@@ -527,8 +454,6 @@ def _from_here(value: str, resolved: str) -> str:
 def _resolve_model(recipe: Recipe, folder: Path, source: str) -> None:
     """``model.id`` against the recipe's folder: an existing path wins, ``org/name`` is a Hub id, anything else is
     an error now (before a model loads) that says where it was looked for."""
-    from bakeedit.models.embedded import EMBEDDED_ALIASES  # bakeedit.models.load imports this module
-
     spec, ref = recipe.model, recipe.model.id
     if ref in EMBEDDED_ALIASES:
         return
@@ -573,20 +498,11 @@ def _resolve_paths(recipe: Recipe, folder: Path, source: str) -> None:
             evaluate.data_dir = _from_here(evaluate.data_dir, path)
 
 
-def _embedded_aliases() -> tuple[str, ...]:
-    from bakeedit.models.embedded import EMBEDDED_ALIASES
-
-    return EMBEDDED_ALIASES
-
-
 def _check_neuron_count(recipe: Recipe, source: str) -> None:
     """An explicit list longer than the model has neurons, refused before the model loads when its folder is
     local (the count comes from config.json); otherwise ``resolve_neurons`` checks right after loading."""
-    if recipe.neurons is None or recipe.model.hub_only or recipe.model.id in _embedded_aliases():
+    if recipe.neurons is None or recipe.model.hub_only or recipe.model.id in EMBEDDED_ALIASES:
         return
-    from bakeedit.models.load import local_layout
-    from bakeedit.neurons import check_neuron_count
-
     layout = local_layout(Path(recipe.model.id))
     if layout is not None:
         check_neuron_count(len(recipe.neurons), layout, f"{source}: neurons", f"'{recipe.model.id}'")

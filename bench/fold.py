@@ -6,7 +6,7 @@ as ``save_pretrained`` shards), then measures, each in its own process (peak RSS
 ``wait4``'s resource usage):
 
 - ``cp``: a plain copy of the shards and the index (the throughput ceiling);
-- ``stream``: ``bakeedit.edit.stream.bake_checkpoint`` (staged output, config + index copied);
+- ``stream``: ``bakeedit.export.stream.bake_checkpoint`` (staged output, config + index copied);
 - ``in-memory``: ``from_pretrained(dtype=bfloat16)`` + ``fold_plan`` + ``save_pretrained`` (what ``apply`` does);
 - ``verify``: ``bakeedit.export.verify_blocks`` on the streamed folder (exact + per-block functional checks).
 
@@ -108,7 +108,7 @@ def child(mode: str, base: Path, out: Path, plan_file: Path) -> None:
     t0 = time.perf_counter()
     timings = {}
     if mode == "stream":
-        from bakeedit.edit import stream
+        from bakeedit.export import stream
 
         real, first = stream._write_shard, []
 
@@ -174,7 +174,7 @@ def measure(cmd: list[str]) -> dict:
 
 def compare(a: Path, b: Path) -> tuple[int, int]:
     """(identical, total) tensors of two checkpoint folders, bit for bit, one tensor at a time."""
-    from bakeedit.export.shards import Checkpoint
+    from bakeedit.io.shards import Checkpoint
 
     ca, cb = Checkpoint.open(a), Checkpoint.open(b)
     same = 0

@@ -1,6 +1,6 @@
 """Integrated-gradients cost per question on SmolLM2: the batched, prefix-cached engine against the naive loop.
 
-Three implementations of the same attribution (``bakeedit.locate.ig``, KnowBias's Attr_i), in one process:
+Three implementations of the same attribution (``bakeedit.locate.knowbias.ig``, KnowBias's Attr_i), in one process:
 
 - ``naive``: for every alpha step a full forward and backward of the whole prompt at batch 1 (no cache);
 - ``cached``: the prompt prefix once through the KV cache, the m steps of a layer as one batch through every block;
@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from bakeedit.locate.ig import answer_probability, frozen_parameters, integrated_gradients
-from bakeedit.locate.knowbias import KnowBiasParams, choose_questions, load_questions, render
+from bakeedit.locate.knowbias.ig import answer_probability, frozen_parameters, integrated_gradients
+from bakeedit.locate.knowbias.method import KnowBiasParams, choose_questions, load_questions, render
 from bakeedit.models import load_model
 from bakeedit.models.hookpoints import site_hooks
 

@@ -41,7 +41,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bakeedit.edit import build_plan, runtime_edit
-from bakeedit.edit.stream import stream_bake
+from bakeedit.export.stream import stream_bake
 from bakeedit.models import load_model
 from bakeedit.neurons import Neuron
 from bakeedit.recipe import EditSpec

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from bakeedit import parallel
+from bakeedit.evaluate.sharded import make_scorer
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.hookpoints import site_hooks
 from bakeedit.neurons import Neuron, NeuronSet
@@ -149,7 +150,7 @@ def run_eval(model, out: Path) -> None:
     requests = [(c, " " + words[k]) for c in contexts for k in range(3)]
     strategies = {}
     for mode in ("packed", "kv", "flat"):
-        scorer = parallel.make_scorer(model, tiny_tokenizer(), batch_size=4, mode=mode)
+        scorer = make_scorer(model, tiny_tokenizer(), batch_size=4, mode=mode)
         strategies[mode] = [[r.logprob, r.is_greedy] for r in scorer.loglikelihood(requests)]
     strategies["generate"] = scorer.generate(contexts, 6)
     with parallel.main_first() as main:

@@ -19,9 +19,10 @@ from bakeedit.edit import build_plan, runtime_edit
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.hookpoints import capture_sites
 from bakeedit.models.load import load_model
+from bakeedit.models.reference import ModelSpec
 from bakeedit.neurons import Neuron
 from bakeedit.parallel import Ranks
-from bakeedit.recipe import EditSpec, ModelSpec
+from bakeedit.recipe import EditSpec
 
 from tiny_models import probe_ids
 

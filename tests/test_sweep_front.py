@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bakeedit.sweep_front import SweepPoint, pareto_front, plot_tradeoff
+from bakeedit.workflows.pareto import SweepPoint, pareto_front, plot_tradeoff
 
 
 def test_front_keeps_exactly_the_non_dominated_points():

@@ -10,8 +10,8 @@ from rich.table import Table
 from bakeedit.cli.main import console
 from bakeedit.cli.progress import bar_reporter, command_progress
 from bakeedit.export.hub import check_repo_id, push_folder
-from bakeedit.pipeline import apply_recipe
 from bakeedit.recipe import load_recipe
+from bakeedit.workflows.apply import apply_recipe
 
 
 @click.command("apply")

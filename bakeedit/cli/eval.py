@@ -10,31 +10,30 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bakeedit import parallel
-from bakeedit.apply_eval import check_before_eval, record_evaluation
 from bakeedit.cli.main import console
 from bakeedit.errors import BakeeditError, OutputExistsError, RecipeError
 from bakeedit.evaluate.report import RESULTS_FILE, fmt, ordered_labels, primary_metric, write_results
-from bakeedit.evaluate.runner import EvalRun, ModelRef, evaluate_models, with_runtime_edit
+from bakeedit.evaluate.runner import EvalRun, ModelRef, evaluate_models
 from bakeedit.evaluate.tasks.base import DATA_DIR_ENV
-from bakeedit.export.staging import check_output_file, is_results_file, staged_into
+from bakeedit.export.provenance import PROVENANCE_FILE, base_location, read_provenance
+from bakeedit.io.ownership import check_output_file, is_results_file
+from bakeedit.io.staging import staged_into
+from bakeedit.models import load_model
+from bakeedit.models.reference import ModelSpec
+from bakeedit.neurons import NeuronSet
+from bakeedit.recipe import EditSpec
+from bakeedit.workflows.apply_eval import check_before_eval, control_model, record_evaluation
 
 RESULTS_WHAT = "results file"
 
 
 def _load(ref: str, device_map: str | None = None, trust_remote_code: bool = False) -> Any:
-    from bakeedit.models import load_model
-    from bakeedit.recipe import ModelSpec
-
     return load_model(ModelSpec(id=ref, device_map=device_map, trust_remote_code=trust_remote_code))
 
 
-def _control_plan(neurons_file: Path, base: Any, model_ref: str, control_lambda: float | None) -> tuple[Any, str]:
-    """The control's EditPlan on ``base`` and a description; the lambda comes from ``--control-lambda`` or from the
+def _control(neurons_file: Path, base: Any, model_ref: str, control_lambda: float | None) -> tuple[Any, str]:
+    """The control model on ``base`` and a description; the lambda comes from ``--control-lambda`` or from the
     recipe recorded in MODEL's bakeedit.json, so the control gets the same edit as the edited model."""
-    from bakeedit.edit import build_plan
-    from bakeedit.neurons import NeuronSet
-    from bakeedit.recipe import EditSpec
-
     neuron_set = NeuronSet.load(neurons_file)
     if control_lambda is not None:
         edit = EditSpec.model_validate({"lambda": control_lambda})
@@ -46,22 +45,18 @@ def _control_plan(neurons_file: Path, base: Any, model_ref: str, control_lambda:
                 hint="pass --control-lambda, or point MODEL at a bakeedit apply folder (its recipe gives the edit)",
             )
         edit = EditSpec.model_validate(prov.recipe.data["edit"])
-    plan = build_plan(neuron_set.neurons, edit, base.layout, source=str(neurons_file))
-    return plan, (f"baseline + runtime edit of {plan.n_neurons} {neuron_set.method} neurons from {neurons_file} "
+    model, plan = control_model(base, neuron_set, edit, str(neurons_file))
+    return model, (f"baseline + runtime edit of {plan.n_neurons} {neuron_set.method} neurons from {neurons_file} "
                   f"({'; '.join(plan.describe())})")
 
 
 def _provenance(model_ref: str) -> Any:
-    from bakeedit.export.provenance import PROVENANCE_FILE, read_provenance
-
     folder = Path(model_ref)
     return read_provenance(folder) if (folder / PROVENANCE_FILE).is_file() else None
 
 
 def _recorded_base(prov: Any, folder: Path) -> str:
     """MODEL's base model from its bakeedit.json (a local path there is relative to the folder)."""
-    from bakeedit.export.provenance import base_location
-
     found = base_location(prov, folder)
     if found is None:
         raise RecipeError(f"{folder}/bakeedit.json: base_model.ref '{prov.base_model.ref}': no such model relative "
@@ -171,8 +166,7 @@ def eval_command(model: str, tasks: str, limit: int | None, seed: int, data_dir:
             models["base"] = base
             descriptions["base"] = {"ref": baseline, "description": f"`{baseline}`"}
             if control is not None:
-                plan, what = _control_plan(control, base, model, control_lambda)
-                models["control"] = with_runtime_edit(base, plan)
+                models["control"], what = _control(control, base, model, control_lambda)
                 descriptions["control"] = {"ref": baseline, "neurons": str(control), "description": what}
         label = "edited" if baseline is not None else "model"
         models[label] = _load(model, device_map, trust_remote_code)

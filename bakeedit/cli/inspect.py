@@ -12,14 +12,13 @@ from rich.table import Table
 from bakeedit.cli.main import console
 from bakeedit.errors import ManifestError
 from bakeedit.export.card import HEATMAP_FILE
+from bakeedit.export.heatmap import rich_heatmap, save_heatmap_png
 from bakeedit.export.provenance import check_folder, read_provenance
-from bakeedit.locate.heatmap import rich_heatmap, save_heatmap_png
 from bakeedit.models.arch import SITES, ModelLayout
+from bakeedit.models.custom import read_base_config
 
 
 def _layout(folder: Path) -> ModelLayout:
-    from bakeedit.export.custom_module import read_base_config  # a custom-module config, read without its code
-
     return ModelLayout.for_config(read_base_config(folder))
 
 

@@ -17,10 +17,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bakeedit import parallel
 from bakeedit.cli.main import console
 from bakeedit.errors import OutputExistsError, RecipeError
+from bakeedit.export.heatmap import rich_heatmap, save_heatmap_png
 from bakeedit.export.provenance import portable_neuron_set
-from bakeedit.export.staging import check_output_file, is_neurons_file, staged_file
+from bakeedit.io.ownership import check_output_file, is_neurons_file
+from bakeedit.io.staging import staged_file
 from bakeedit.locate import LocateContext, run_locate
-from bakeedit.locate.heatmap import rich_heatmap, save_heatmap_png
 from bakeedit.locate.registry import validate_params
 from bakeedit.models.embedded import cache_root
 from bakeedit.models.load import load_model

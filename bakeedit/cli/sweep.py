@@ -11,8 +11,8 @@ from bakeedit.cli.main import console
 from bakeedit.cli.progress import bar_reporter, command_progress
 from bakeedit.errors import RecipeError
 from bakeedit.recipe import load_recipe
-from bakeedit.sweep import sweep_recipe
-from bakeedit.sweep_front import pareto_front
+from bakeedit.workflows.pareto import pareto_front
+from bakeedit.workflows.sweep import sweep_recipe
 
 
 def _lambdas(text: str) -> list[float]:

@@ -8,7 +8,7 @@ import click
 
 from bakeedit.cli.main import console
 from bakeedit.errors import VerificationError
-from bakeedit.pipeline import verify_output
+from bakeedit.workflows.apply import verify_output
 
 
 @click.command("verify")

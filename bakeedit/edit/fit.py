@@ -6,7 +6,7 @@ scale's ``lambda``), applied with runtime hooks to the located neurons:
     minimise    C(theta) = mean_i | log p(stereo_i | x_i; theta) - log p(anti_i | x_i; theta) |
     subject to  L(theta) - L(base) <= budget
 
-``x_i`` is the stereotype-inviting prompt of locate item ``i`` (``bakeedit/locate/contrast_data.py``), asked the
+``x_i`` is the stereotype-inviting prompt of locate item ``i`` (``bakeedit/data/contrast.py``), asked the
 way the ``contrast_success`` evaluation asks on the heldout split (context, blank line, ``Q: question``, ``A:``);
 ``stereo_i`` / ``anti_i`` are its stereotyped and anti-stereotyped answers (summed token log-probabilities). ``C`` is
 0 when the model prefers neither person on any item. ``L`` is the mean token negative log-likelihood (nats) of the
@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from bakeedit.data.contrast import load_contrast_items
 from bakeedit.edit.hooks import runtime_edit
 from bakeedit.edit.plan import EditPlan, build_plan
 from bakeedit.errors import EditError
@@ -196,8 +197,6 @@ def fit_edit(
     edit: EditSpec, neurons: list[Neuron], loaded: LoadedModel, data: Path | None = None
 ) -> tuple[EditSpec, FitReport]:
     """Run ``edit.fit`` on the contrast items of its split; returns the edit with the chosen parameters."""
-    from bakeedit.locate.contrast_data import load_contrast_items
-
     spec = edit.fit
     if spec is None:
         raise EditError("edit.fit is not set; nothing to fit")

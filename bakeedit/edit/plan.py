@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bakeedit.edit.nonlinear import MAPS, check_params, full_params, linear_lambda
 from bakeedit.errors import EditError, NeuronSetError, UnsupportedArchitecture
+from bakeedit.maps import MAPS, check_params, full_params, linear_lambda
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.spec import site_order
 from bakeedit.neurons import Neuron

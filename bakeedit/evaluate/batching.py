@@ -108,3 +108,14 @@ def gather_continuation_logprobs(
     logprob = ((tok - lse).double() * mask).sum(dim=1)  # float32 per token, float64 sum (as the batched strategies)
     greedy = ((logits.argmax(dim=-1) == targets) | ~mask).all(dim=1)
     return logprob.cpu(), greedy.cpu()
+
+
+@dataclass
+class LLResult:
+    """Log-likelihood of one continuation: summed log-prob, its token and character counts, and whether greedy
+    decoding would have produced exactly these tokens (lm-eval's ``is_greedy``)."""
+
+    logprob: float
+    n_tokens: int
+    n_chars: int
+    is_greedy: bool

@@ -20,29 +20,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from bakeedit.evaluate import strategies
-from bakeedit.evaluate.batching import TokenRequest, gather_continuation_logprobs
+from bakeedit.evaluate.batching import LLResult, TokenRequest, gather_continuation_logprobs
 from bakeedit.evaluate.generation import greedy_generate
 
 ProgressFn = Callable[[str, int, int], None]  # (description, done, total), called after each batch
 DEFAULT_MAX_LENGTH = 2048
 MODES = ("packed", "kv", "flat")
-
-
-@dataclass
-class LLResult:
-    """Log-likelihood of one continuation: summed log-prob, its token and character counts, and whether greedy
-    decoding would have produced exactly these tokens (lm-eval's ``is_greedy``)."""
-
-    logprob: float
-    n_tokens: int
-    n_chars: int
-    is_greedy: bool
 
 
 class Scorer:

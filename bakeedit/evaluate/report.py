@@ -18,6 +18,7 @@ from typing import Any
 
 from bakeedit import __version__
 from bakeedit.errors import DataError
+from bakeedit.evaluate.plots import plot_categories, plot_deltas, plot_scores
 from bakeedit.evaluate.runner import EvalRun
 from bakeedit.evaluate.tasks.base import MetricValue, TaskResult
 
@@ -271,8 +272,6 @@ def render_report(run: EvalRun, plots: Mapping[str, str] | None = None) -> str:
 
 def write_plots(folder: Path, run: EvalRun) -> dict[str, str]:
     """Draw every plot into ``folder/plots``; returns plot key -> path relative to ``folder``."""
-    from bakeedit.evaluate.plots import plot_categories, plot_deltas, plot_scores
-
     written: dict[str, str] = {}
     tasks = _by_task(run)
     for task, by_label in tasks.items():

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bakeedit.edit import runtime_edit
 from bakeedit.errors import BakeeditError, DataError, RecipeError
+from bakeedit.evaluate.sharded import make_scorer
 from bakeedit.evaluate.tasks.base import DATA_DIR_ENV, Task, TaskData, TaskResult, available_tasks, get_task
-from bakeedit.parallel import make_scorer
 
 TASK_GROUPS = ("bias", "capability", "all")
 #: Names that stand for several tasks, as users write them (the paper's benchmark name for both of its parts).
@@ -181,8 +182,6 @@ def evaluate_models(
 def with_runtime_edit(loaded: Any, plan: Any) -> Callable[[], AbstractContextManager[Any]]:
     """A model reference for :func:`evaluate_models`: ``loaded`` with ``plan`` applied by hooks
     (:func:`bakeedit.edit.runtime_edit`) while it is evaluated; used for the random-neuron control."""
-    from bakeedit.edit import runtime_edit
-
     @contextmanager
     def enter() -> Iterator[Any]:
         with runtime_edit(loaded.model, loaded.layout, plan):

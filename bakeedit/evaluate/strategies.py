@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bakeedit.evaluate.batching import TokenRequest, flat_batches, left_pad, right_pad, shared_batches
+from bakeedit.evaluate.batching import LLResult, TokenRequest, flat_batches, left_pad, right_pad, shared_batches
 
 if TYPE_CHECKING:
-    from bakeedit.evaluate.engine import LLResult, Scorer
+    from bakeedit.evaluate.engine import Scorer
 
 PAD_SEG, PREFIX_SEG = -2, -1
 
@@ -58,8 +58,6 @@ def logprobs_at(
 
 
 def _results(scorer_out: list, rows: Sequence[TokenRequest], lp: torch.Tensor, greedy: torch.Tensor) -> None:
-    from bakeedit.evaluate.engine import LLResult
-
     for k, r in enumerate(rows):
         scorer_out[r.index] = LLResult(float(lp[k]), len(r.cont), r.n_chars, bool(greedy[k]))
 

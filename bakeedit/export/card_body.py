@@ -11,7 +11,8 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from bakeedit.export.card import CARD_FILE, EVAL_DIR, GENERATED_MARKER, CardContext
+from bakeedit.evaluate.report import fmt, ideal_of, ordered_labels
+from bakeedit.export.card_context import CARD_FILE, EVAL_DIR, GENERATED_MARKER, CardContext
 from bakeedit.models.arch import SITES
 
 #: Where each locate method comes from; ``explicit`` and ``random`` are not papers.
@@ -56,8 +57,6 @@ SMALL_MODEL_PARAMS = 3e9
 
 
 def _fmt(value: float | None, stderr: float | None = None, signed: bool = False) -> str:
-    from bakeedit.evaluate.report import fmt
-
     return fmt(value, stderr, signed)
 
 
@@ -157,8 +156,6 @@ def verification(ctx: CardContext) -> list[str]:
 
 
 def _metric_rows(ctx: CardContext, kind: str, labels: list[str]) -> list[str]:
-    from bakeedit.evaluate.report import ideal_of
-
     by_task: dict[str, dict] = {}
     for label in labels:
         for r in ctx.run.results[label]:
@@ -193,7 +190,6 @@ def evaluation(ctx: CardContext) -> list[str]:
         return [*lines, "No evaluation was run for this checkpoint (`bakeedit eval OUT --baseline BASE --control "
                         "OUT/neurons-random.json` writes one into `eval/`): nothing on this card shows that the "
                         "edit changes bias or keeps capability."]
-    from bakeedit.evaluate.report import ordered_labels
 
     labels = ordered_labels(ctx.run.results)
     described = [f"**{lab}**: {ctx.run.models.get(lab, {}).get('description', lab)}" for lab in labels]

@@ -30,14 +30,13 @@ from torch import nn
 from bakeedit.edit.plan import EditPlan
 from bakeedit.errors import EditError
 from bakeedit.export.provenance import CustomModuleInfo
+from bakeedit.io.hashing import file_sha256
 from bakeedit.models.arch import ModelLayout
-from bakeedit.models.embedded import file_sha256
+from bakeedit.models.custom import BASE_TYPE_KEY, MODEL_TYPE_PREFIX
 
 MODULE_FILE = "modeling_bakeedit.py"
 EDIT_FILE = "bakeedit_edit.safetensors"
 TEMPLATE = Path(__file__).with_name("modeling_template.py")
-MODEL_TYPE_PREFIX = "bakeedit_"
-BASE_TYPE_KEY = "bakeedit_base_model_type"
 CONFIG_CLASS = "BakeeditConfig"
 MODEL_CLASS = "BakeeditForCausalLM"
 MAX_MODULE_LINES = 150
@@ -126,27 +125,3 @@ def write_custom_module(folder: Path, model: nn.Module, layout: ModelLayout, pla
         edit_file=EDIT_FILE, edit_sha256=file_sha256(folder / EDIT_FILE), model_type=MODEL_TYPE_PREFIX + base_type,
         base_model_type=base_type, base_class=type(model).__name__, n_groups=len(plan.module_groups),
     )
-
-
-def is_custom_module(folder: Path) -> bool:
-    """Whether ``folder`` holds a bakeedit custom-module checkpoint (and so loads only with trust_remote_code)."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        return False
-    return str(json.loads(path.read_text()).get("model_type", "")).startswith(MODEL_TYPE_PREFIX)
-
-
-def read_base_config(folder: Path):
-    """The folder's config as its base architecture's config class, without running the custom code.
-
-    For ``inspect`` and layouts: the module adds hooks, never parameters, so the base config describes the shapes.
-    """
-    from transformers import AutoConfig
-
-    if not is_custom_module(folder):
-        return AutoConfig.from_pretrained(folder)
-    data = json.loads((Path(folder) / "config.json").read_text())
-    base_type = data.get(BASE_TYPE_KEY) or data["model_type"].removeprefix(MODEL_TYPE_PREFIX)
-    for key in ("model_type", "auto_map", "architectures", BASE_TYPE_KEY):
-        data.pop(key, None)
-    return AutoConfig.for_model(base_type, **data)

@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from bakeedit.errors import BakeeditError, VerificationError
 from bakeedit.export.card import CARD_FILE, build_card, write_card
 from bakeedit.export.provenance import PROVENANCE_FILE, Provenance, check_folder, folder_files, read_provenance
+from bakeedit.io.hashing import file_sha256
 
 #: Never uploaded: hidden files and folders (``.git``, ``.cache``, temporary files of an interrupted write).
 IGNORE_PATTERNS = [".*", "*/.*"]
@@ -241,7 +242,6 @@ def _verify_remote(api, repo_id: str, commit: str, plan: UploadPlan, token: str)
     in case a server ignored the deletions)."""
     from huggingface_hub.hf_api import RepoFile
 
-    from bakeedit.models.embedded import file_sha256
 
     remote = {
         entry.path: entry

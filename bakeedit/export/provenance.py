@@ -33,11 +33,15 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from bakeedit import __version__
-from bakeedit.edit.plan import EditPlan
+from bakeedit.edit.fit import with_params
+from bakeedit.edit.plan import EditPlan, build_plan
 from bakeedit.errors import BakeeditError, ManifestError
 from bakeedit.export.verify import VerificationResult
-from bakeedit.models.embedded import file_sha256
+from bakeedit.io.hashing import file_sha256
+from bakeedit.models.arch import ModelLayout
+from bakeedit.models.custom import read_base_config
 from bakeedit.neurons import NeuronSet
+from bakeedit.recipe import EditSpec, parse_recipe
 
 PROVENANCE_FILE = "bakeedit.json"
 FORMAT_VERSION = 2  # 2: every file hashed, README.md and eval/ included; manifest_sha256; recipe.path is a name
@@ -362,7 +366,6 @@ def check_consistency(folder: Path, provenance: Provenance, skip: Iterable[str] 
 def _recipe_problem(folder: Path, prov: Provenance, skip: tuple[str, ...]) -> str | None:
     import yaml
 
-    from bakeedit.recipe import parse_recipe
 
     text = prov.recipe.text
     if hashlib.sha256(text.encode()).hexdigest() != prov.recipe.sha256:
@@ -400,12 +403,6 @@ def _neurons_problem(folder: Path, prov: Provenance, skip: tuple[str, ...]) -> s
 def derive_plan(folder: Path, prov: Provenance) -> EditPlan:
     """The plan ``bakeedit apply`` builds from the recorded recipe edit (fitted parameters from ``fit``) and the
     recorded neurons, on the layout of the folder's ``config.json`` (read without weights or custom code)."""
-    from bakeedit.edit.fit import with_params
-    from bakeedit.edit.plan import build_plan
-    from bakeedit.export.custom_module import read_base_config
-    from bakeedit.models.arch import ModelLayout
-    from bakeedit.recipe import EditSpec
-
     try:
         edit = EditSpec.model_validate(prov.recipe.data.get("edit", {}))
     except ValueError as exc:  # pydantic: a recorded edit that is not a valid edit

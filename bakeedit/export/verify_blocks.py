@@ -31,10 +31,10 @@ import torch
 from bakeedit.edit.fold import fold_plan, scaled
 from bakeedit.edit.hooks import runtime_edit
 from bakeedit.edit.plan import EditPlan
-from bakeedit.edit.stream import load_config, plan_tensor_edits, stored_name
 from bakeedit.errors import VerificationError
-from bakeedit.export.shards import FLOAT_DTYPES, Checkpoint, read_bytes
+from bakeedit.export.stream import load_config, plan_tensor_edits, stored_name
 from bakeedit.export.verify import VerificationResult, default_tolerance
+from bakeedit.io.shards import FLOAT_DTYPES, Checkpoint, read_bytes
 from bakeedit.models.arch import ModelLayout
 
 _COMPARED = ("streamed: every tensor bit-exact vs the fold of the base (untouched ones unchanged), and each edited "

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from bakeedit.export.staging import owner_alive, process_token
+from bakeedit.io.temporaries import owner_alive, process_token
 
 _TMP = re.compile(r"\.tmp-(\d+)(?:-t([0-9a-f]+))?$")
 log = logging.getLogger(__name__)

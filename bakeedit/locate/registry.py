@@ -16,7 +16,8 @@ from bakeedit.neurons import NeuronSet, format_validation_error
 from bakeedit.recipe import LocateSpec
 
 #: Modules imported on first use, each registering its method(s).
-_METHOD_MODULES = ("bakeedit.locate.random", "bakeedit.locate.coco", "bakeedit.locate.knowbias", "bakeedit.locate.ine")
+_METHOD_MODULES = ("bakeedit.locate.random", "bakeedit.locate.coco.method", "bakeedit.locate.knowbias.method",
+                  "bakeedit.locate.ine.method")
 
 
 @dataclass

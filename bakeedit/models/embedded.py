@@ -12,7 +12,6 @@ or corrupt (a full disk, a crash of another tool) is reported, discarded and con
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -22,6 +21,8 @@ import tempfile
 from pathlib import Path
 
 from bakeedit.errors import ModelLoadError
+from bakeedit.io.hashing import file_sha256
+from bakeedit.io.shards import read_shard
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
 EMBEDDED_ALIASES = ("embedded", "default", f"embedded:{EMBEDDED_NAME}", EMBEDDED_NAME)
@@ -60,14 +61,6 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_gguf_magic(gguf: Path) -> None:
     """Refuse a file that does not start with ``GGUF`` before the converter reads it."""
     with open(gguf, "rb") as fh:
@@ -81,8 +74,6 @@ def check_gguf_magic(gguf: Path) -> None:
 
 def _cached_conversion_damage(target: Path) -> str | None:
     """Why a converted folder in the cache cannot be trusted (a malformed config.json, a damaged shard), or None."""
-    from bakeedit.export.shards import read_shard
-
     try:
         json.loads((target / "config.json").read_text())
         shards = sorted(target.glob("*.safetensors"))

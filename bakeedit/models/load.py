@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from bakeedit.errors import BakeeditError, ModelLoadError
+from bakeedit.io.shards import read_shard
 from bakeedit.models.arch import ModelLayout, spec_for_model_type
+from bakeedit.models.custom import is_custom_module, read_base_config
 from bakeedit.models.embedded import (
     EMBEDDED_ALIASES,
     EMBEDDED_BASE_MODEL,
@@ -29,8 +31,8 @@ from bakeedit.models.embedded import (
     file_sha256,
     gguf_to_safetensors,
 )
-from bakeedit.recipe import HUB_ID as _HUB_ID
-from bakeedit.recipe import ModelSpec
+from bakeedit.models.reference import HUB_ID as _HUB_ID
+from bakeedit.models.reference import ModelSpec
 
 _DAMAGED = "the file is damaged or incomplete: download or save the checkpoint again"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -167,8 +169,6 @@ def local_layout(folder: Path) -> ModelLayout | None:
 
 def shard_damage(folder: Path) -> str | None:
     """The first ``.safetensors`` file of ``folder`` whose header is truncated or corrupt, as an error line."""
-    from bakeedit.export.shards import read_shard
-
     for shard in sorted(Path(folder).glob("*.safetensors")):
         try:
             read_shard(shard)
@@ -210,8 +210,6 @@ def _custom_module_config(path: Path, spec: ModelSpec):
     which gives the layout (the module adds hooks, not parameters); ``None`` for any other folder.
 
     Its ``modeling_bakeedit.py`` runs when the model loads, so, as in transformers, only with trust_remote_code."""
-    from bakeedit.export.custom_module import is_custom_module, read_base_config
-
     if not is_custom_module(path):
         return None
     if not spec.trust_remote_code:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bakeedit.data.contrast import load_contrast_items
 from bakeedit.edit import build_plan, runtime_edit
 from bakeedit.edit.fit import ContrastObjective, fit_edit, fit_grid, grid_points, sequence_logprobs
 from bakeedit.errors import EditError
-from bakeedit.locate.contrast_data import load_contrast_items
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.load import LoadedModel, ModelSource
 from bakeedit.neurons import Neuron

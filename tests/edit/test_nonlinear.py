@@ -9,8 +9,9 @@ import torch
 from pydantic import ValidationError
 
 from bakeedit.edit import build_plan, runtime_edit
-from bakeedit.edit.nonlinear import MAPS, apply_map, first_position, linear_lambda
+from bakeedit.edit.nonlinear import first_position
 from bakeedit.errors import EditError, NeuronSetError, RecipeError
+from bakeedit.maps import MAPS, apply_map, linear_lambda
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.hookpoints import capture_sites
 from bakeedit.neurons import Neuron

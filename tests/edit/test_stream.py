@@ -16,8 +16,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from bakeedit.edit import EditPlan, build_plan, fold_plan, runtime_edit
-from bakeedit.edit import stream as stream_module
-from bakeedit.edit.stream import (
+from bakeedit.errors import EditError, ModelLoadError
+from bakeedit.export import stream as stream_module
+from bakeedit.export.stream import (
     Skeleton,
     bake_checkpoint,
     edited_dtype,
@@ -26,13 +27,13 @@ from bakeedit.edit.stream import (
     stream_for_apply,
     streaming_blocker,
 )
-from bakeedit.errors import EditError, ModelLoadError
-from bakeedit.export.shards import INDEX_FILE, Checkpoint
 from bakeedit.export.verify_blocks import verify_blocks
+from bakeedit.io.shards import INDEX_FILE, Checkpoint
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.load import load_model
+from bakeedit.models.reference import ModelSpec
 from bakeedit.neurons import Neuron
-from bakeedit.recipe import EditSpec, ModelSpec
+from bakeedit.recipe import EditSpec
 
 from tiny_models import every_site_neurons, probe_ids, tiny_model, tiny_tokenizer
 
@@ -213,7 +214,7 @@ def test_a_killed_stream_leaves_no_output(tmp_path, sig):
     hold_r, hold_w = os.pipe()
     script = textwrap.dedent(f"""
         import os, pathlib
-        from bakeedit.edit import stream
+        from bakeedit.export import stream
         from bakeedit.edit.plan import EditPlan
         real = stream._write_shard
         def held(*args):
@@ -304,8 +305,8 @@ def test_apply_flow_with_streaming(tmp_path):
     """What ``bakeedit apply`` does when it streams a model that fits in memory: reference logits from the hooked
     base (loaded in float32, the CPU default), the streamed bf16 folder reloaded in float32, compared at the
     tolerance of the *stored* dtype: the fold rounds the scaled weights to bf16, the hooks do not."""
-    from bakeedit.export.staging import staged_output
     from bakeedit.export.verify import compare_logits, default_tolerance, probe_inputs, probe_logits
+    from bakeedit.io.staging import staged_output
 
     base = sharded_checkpoint("qwen2", tmp_path / "base")
     loaded = load_model(ModelSpec(id=str(base)))

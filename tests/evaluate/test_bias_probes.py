@@ -10,9 +10,9 @@ import pytest
 import torch
 from bias_fakes import FakeScorer
 
+from bakeedit.data.prompts import SYSTEM_PROMPT, answer_candidates, question_prompt
 from bakeedit.errors import DataError
 from bakeedit.evaluate import Scorer, get_task
-from bakeedit.evaluate.tasks.chat import SYSTEM_PROMPT, answer_candidates, question_prompt
 
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -77,9 +77,9 @@ def test_next_token_logprobs_match_a_plain_forward() -> None:
 
 @pytest.mark.parametrize("chat", [True, False])
 def test_knowbias_qa_asks_what_knowbias_locate_attributes(chat: bool) -> None:
-    """The probe's prompt and answer tokens are those of ``bakeedit.locate.knowbias.render`` with its defaults (chat
-    template with system prompt and instruction, or the raw format), so it reads the decision locate explains."""
-    from bakeedit.locate.knowbias import KnowBiasParams, Question, render
+    """The probe's prompt and answer tokens are those of ``bakeedit.locate.knowbias.method.render`` with its defaults
+    (chat template with system prompt and instruction, or the raw format), so it reads the decision locate explains."""
+    from bakeedit.locate.knowbias.method import KnowBiasParams, Question, render
 
     tok = tiny_tokenizer()
     if not chat:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bakeedit.data.prompts import answer_candidates, question_prompt
 from bakeedit.evaluate import Scorer
-from bakeedit.evaluate.tasks.chat import answer_candidates, question_prompt
 from bakeedit.evaluate.tasks.winogender import read_winogender
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,6 @@ from baked_folders import NONLINEAR, add_evaluation, bake
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
-from bakeedit.apply_eval import record_evaluation
 from bakeedit.cli import main
 from bakeedit.export.card import CARD_FILE, GENERATED_MARKER, HEATMAP_FILE, write_card
 from bakeedit.export.provenance import (
@@ -23,7 +22,8 @@ from bakeedit.export.provenance import (
     refresh_manifest,
     write_provenance,
 )
-from bakeedit.models.embedded import file_sha256
+from bakeedit.io.hashing import file_sha256
+from bakeedit.workflows.apply_eval import record_evaluation
 
 GOLDEN = Path(__file__).parent / "golden" / "card_structure.txt"
 UPDATE_GOLDEN = os.environ.get("BAKEEDIT_UPDATE_GOLDEN") == "1"

@@ -24,12 +24,12 @@ from bakeedit.export.custom_module import (
     EDIT_FILE,
     MAX_MODULE_LINES,
     MODULE_FILE,
-    read_base_config,
     render_module,
     write_custom_module,
 )
+from bakeedit.io.hashing import file_sha256
 from bakeedit.models.arch import ModelLayout
-from bakeedit.models.embedded import file_sha256
+from bakeedit.models.custom import read_base_config
 from bakeedit.neurons import Neuron
 from bakeedit.recipe import EditSpec
 

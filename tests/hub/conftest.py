@@ -11,8 +11,8 @@ from baked_folders import add_evaluation, bake
 from hub_clients import SERVER_LIFETIME_S, olah_server
 from hub_double import HubDouble
 
-from bakeedit.apply_eval import record_evaluation
 from bakeedit.export.card import write_card
+from bakeedit.workflows.apply_eval import record_evaluation
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,14 @@ import pytest
 import torch
 from coco_helpers import loaded_tiny, write_contrast_file
 
-import bakeedit.locate.responses as responses_mod
+import bakeedit.locate.coco.responses as responses_mod
+from bakeedit.data.contrast import ContrastItem
 from bakeedit.errors import RecipeError, UnsupportedArchitecture
 from bakeedit.locate import LocateContext, run_locate
 from bakeedit.locate.cache import ItemCache
-from bakeedit.locate.coco_score import chance_loss, cohens_d, infonce_loss, score_site
-from bakeedit.locate.coco_select import score_categories
-from bakeedit.locate.contrast_data import ContrastItem
-from bakeedit.locate.responses import RecordItem, record_last_tokens, render_ids, tensor_name
+from bakeedit.locate.coco.responses import RecordItem, record_last_tokens, render_ids, tensor_name
+from bakeedit.locate.coco.score import chance_loss, cohens_d, infonce_loss, score_site
+from bakeedit.locate.coco.select import score_categories
 from bakeedit.models.hookpoints import capture_sites, site_hooks
 from bakeedit.recipe import LocateSpec
 

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from bakeedit.data import package_data_path
+from bakeedit.data.contrast import CONTRAST_FILE, load_contrast_items
 from bakeedit.errors import DataError
-from bakeedit.locate.contrast_data import CONTRAST_FILE, load_contrast_items
 
 REQUIRED = {"gender", "race_ethnicity", "religion", "age", "disability", "nationality"}
 

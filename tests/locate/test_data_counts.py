@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from bakeedit.data import package_data_path, read_jsonl
+from bakeedit.data import package_data_path
+from bakeedit.io.jsonl import read_jsonl
 
 ISSUE_DIMENSIONS = {"gender", "race_ethnicity", "religion", "age", "disability", "nationality",
                     "sexual_orientation", "socioeconomic_status", "physical_appearance"}

@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from bakeedit.errors import NeuronSetError
-from bakeedit.locate.heatmap import counts_grid, rich_heatmap, save_heatmap_png
+from bakeedit.export.heatmap import counts_grid, rich_heatmap, save_heatmap_png
 from bakeedit.neurons import Neuron, NeuronSet
 
 CELLS = {(0, "attn.q"): 2, (2, "attn.v"): 5, (2, "attn.q"): 1, (3, "mlp.act"): 3}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bakeedit.locate.ig import answer_probability, frozen_parameters, integrated_gradients
+from bakeedit.locate.knowbias.ig import answer_probability, frozen_parameters, integrated_gradients
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.hookpoints import site_hooks
 

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bakeedit.data import package_data_path, read_jsonl
+from bakeedit.data import package_data_path
 from bakeedit.errors import DataError, RecipeError, UnsupportedArchitecture
-from bakeedit.locate import LocateContext, ine, run_locate
-from bakeedit.locate.ine_causal import MaskProbe, Measurement, select_by_masking
-from bakeedit.locate.ine_data import encode_probe, encode_prompts, load_gender_prompts
-from bakeedit.locate.ine_parts import discover_parts, head_source_contributions
-from bakeedit.locate.ine_scores import Targets, make_batch, query_scores, value_scores
+from bakeedit.io.jsonl import read_jsonl
+from bakeedit.locate import LocateContext, run_locate
+from bakeedit.locate.ine import method as ine
+from bakeedit.locate.ine.causal import MaskProbe, Measurement, select_by_masking
+from bakeedit.locate.ine.data import encode_probe, encode_prompts, load_gender_prompts
+from bakeedit.locate.ine.parts import discover_parts, head_source_contributions
+from bakeedit.locate.ine.scores import Targets, make_batch, query_scores, value_scores
 from bakeedit.locate.registry import validate_params
 from bakeedit.models import load_model
 from bakeedit.models.hookpoints import capture_sites

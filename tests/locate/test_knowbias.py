@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bakeedit.data import package_data_path, read_jsonl
+from bakeedit.data import package_data_path
 from bakeedit.errors import DataError, RecipeError, UnsupportedArchitecture
+from bakeedit.io.jsonl import read_jsonl
 from bakeedit.locate import LocateContext, run_locate
-from bakeedit.locate import knowbias as kb
-from bakeedit.locate.ig import integrated_gradients
+from bakeedit.locate.knowbias import method as kb
+from bakeedit.locate.knowbias.ig import integrated_gradients
 from bakeedit.locate.registry import validate_params
 from bakeedit.models import load_model
 from bakeedit.recipe import LocateSpec

@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from coco_helpers import write_contrast_file
 
-import bakeedit.locate.responses as responses_mod
+import bakeedit.locate.coco.responses as responses_mod
 from bakeedit.cli import main
 from bakeedit.neurons import Neuron, NeuronSet
 

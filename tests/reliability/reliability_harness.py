@@ -180,7 +180,7 @@ import os, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
-from bakeedit.edit import stream
+from bakeedit.export import stream
 real = stream._write_shard
 def held(*args, **kwargs):
     real(*args, **kwargs)

@@ -54,7 +54,7 @@ def forbid_model_load(monkeypatch) -> None:
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the recipe was fully checked")
 
-    for target in ("bakeedit.pipeline.load_model", "bakeedit.cli.locate.load_model"):
+    for target in ("bakeedit.workflows.apply.load_model", "bakeedit.cli.locate.load_model"):
         monkeypatch.setattr(target, refuse)
 
 
@@ -355,7 +355,7 @@ def _contrast_file(path: Path, categories=("cat", "dog"), per_category: int = 5)
 
 
 def test_damaged_locate_cache_entry_is_discarded_and_recomputed(ws, tmp_path, monkeypatch, caplog):
-    import bakeedit.locate.responses as responses
+    import bakeedit.locate.coco.responses as responses
     from bakeedit.neurons import NeuronSet
 
     _contrast_file(ws.recipes / "contrast.jsonl")  # relative to the recipe, which is not the cwd
@@ -388,7 +388,7 @@ def test_damaged_locate_cache_entry_is_discarded_and_recomputed(ws, tmp_path, mo
 
 def test_damaged_gguf_conversion_in_the_cache_is_converted_again(ws, tmp_path, monkeypatch, caplog):
     import bakeedit.models.embedded as embedded
-    from bakeedit.export.shards import read_shard
+    from bakeedit.io.shards import read_shard
 
     gguf = _gguf(ws, b"GGUF" + (3).to_bytes(4, "little") + b"stands in for a real file")
     conversions = []

@@ -19,7 +19,7 @@ from baked_folders import bake
 from reliability_harness import assert_one_clear_line, run_cli, snapshot
 
 from bakeedit.export.provenance import PROVENANCE_FILE, canonical_digest
-from bakeedit.models.embedded import file_sha256
+from bakeedit.io.hashing import file_sha256
 
 REPO_ID = "tester/tiny-edit"
 
@@ -245,7 +245,7 @@ def test_a_folder_baked_for_another_device_is_verified_on_this_one(tmp_path, mon
     from reliability_harness import run_cli
 
     import bakeedit.export.provenance as provenance_module
-    import bakeedit.pipeline as pipeline
+    import bakeedit.workflows.apply as pipeline
 
     folder = bake(tmp_path)
     prov = provenance_module.check_folder(folder)

@@ -26,8 +26,8 @@ from reliability_harness import (
     snapshot,
 )
 
-from bakeedit.export import staging
 from bakeedit.export.provenance import check_file_hashes, read_provenance
+from bakeedit.io import ownership, staging, temporaries
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def no_model_load(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded before -o was checked")
 
-    for target in ("bakeedit.pipeline.load_model", "bakeedit.sweep.load_model", "bakeedit.cli.locate.load_model",
-                   "bakeedit.cli.eval._load"):
+    for target in ("bakeedit.workflows.apply.load_model", "bakeedit.workflows.sweep.load_model",
+                   "bakeedit.cli.locate.load_model", "bakeedit.cli.eval._load"):
         monkeypatch.setattr(target, refuse)
 
 
@@ -109,8 +109,8 @@ def test_o_may_not_destroy_what_the_run_reads(ws, no_model_load, case, command, 
 
 def test_a_streamed_bake_refuses_the_base_folder(ws):
     from bakeedit.edit.plan import EditPlan
-    from bakeedit.edit.stream import bake_checkpoint
     from bakeedit.errors import OutputPathError
+    from bakeedit.export.stream import bake_checkpoint
 
     before = snapshot(ws.root)
     for out in (ws.base, ws.base / "baked", ws.base.parent):
@@ -207,7 +207,7 @@ def test_overwrite_replaces_a_bakeedit_output_completely(ws, templates, case, se
     assert sorted(snapshot(out)) == sorted(snapshot(templates["baked"]))  # every file of an apply output, no other
     assert set(snapshot(ws.outs)) == {"out"} | {f"out/{name}" for name in snapshot(out)}
     assert hidden_entries(ws.outs) == []
-    assert staging.why_not_replaceable(out) is None  # and it can be replaced again
+    assert ownership.why_not_replaceable(out) is None  # and it can be replaced again
 
 
 def test_without_overwrite_an_existing_output_is_kept(ws, templates):
@@ -222,16 +222,16 @@ def test_without_overwrite_an_existing_output_is_kept(ws, templates):
 
 def test_the_recognised_names_follow_their_writers():
     """staging keeps literal copies of the writers' file names (importing them would be circular): keep in step."""
-    from bakeedit.apply_eval import CONTROL_NEURONS_FILE
     from bakeedit.export.card import CARD_FILE, HEATMAP_FILE
     from bakeedit.export.provenance import PROVENANCE_FILE
     from bakeedit.export.save import LICENSE_FILES
-    from bakeedit.pipeline import NEURONS_FILE, RECIPE_FILE
+    from bakeedit.workflows.apply import NEURONS_FILE, RECIPE_FILE
+    from bakeedit.workflows.apply_eval import CONTROL_NEURONS_FILE
 
     assert {CONTROL_NEURONS_FILE, CARD_FILE, HEATMAP_FILE, PROVENANCE_FILE, NEURONS_FILE,
-            RECIPE_FILE} <= staging.CHECKPOINT_NAMES
-    assert set(LICENSE_FILES) <= staging.CARRIED_NAMES
-    assert staging.PROVENANCE_MARKER == PROVENANCE_FILE
+            RECIPE_FILE} <= ownership.CHECKPOINT_NAMES
+    assert set(LICENSE_FILES) <= ownership.CARRIED_NAMES
+    assert ownership.PROVENANCE_MARKER == PROVENANCE_FILE
 
 
 # --- the swap: never the only copy in a hidden folder ---------------------------------------------------------
@@ -284,7 +284,7 @@ def test_when_even_the_undo_fails_the_message_says_where_the_old_output_is(ws, t
 
 def test_stale_sweep_keeps_live_temporaries_and_restores_an_orphaned_old(ws, templates):
     out = ws.outs / "out"
-    me, token = os.getpid(), staging.process_token(os.getpid())
+    me, token = os.getpid(), temporaries.process_token(os.getpid())
     live = ws.outs / (f".out.tmp-{me}-t{token}-aaaa" if token else f".out.tmp-{me}-aaaa")
     live.mkdir()
     (live / "model.safetensors").write_bytes(b"a live run's shard")
@@ -448,12 +448,12 @@ def test_eval_files_appear_complete_or_not_at_all(tmp_path):
     folder.mkdir()
     (folder / "keep.md").write_text("the user's")
     before = snapshot(tmp_path)
-    with pytest.raises(RuntimeError), staging.staged_into(folder, "results.json", False, staging.is_results_file,
+    with pytest.raises(RuntimeError), staging.staged_into(folder, "results.json", False, ownership.is_results_file,
                                                           "results file") as tmp:
         (tmp / "report.md").write_text("half")
         raise RuntimeError("disk full, say")
     assert snapshot(tmp_path) == before
-    with staging.staged_into(folder, "results.json", False, staging.is_results_file, "results file") as tmp:
+    with staging.staged_into(folder, "results.json", False, ownership.is_results_file, "results file") as tmp:
         (tmp / "plots").mkdir()
         (tmp / "plots" / "a.png").write_bytes(b"png")
         (tmp / "report.md").write_text("report")

@@ -119,7 +119,7 @@ def carried_code(_folder: Path, tmp_path: Path) -> tuple[Path, str]:
 def redigest_missing(folder: Path, _tmp: Path) -> tuple[Path, str]:
     import json
 
-    from bakeedit.models.embedded import file_sha256
+    from bakeedit.io.hashing import file_sha256
 
     shard = folder / "model.safetensors"
     data = bytearray(shard.read_bytes())

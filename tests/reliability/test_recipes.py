@@ -53,7 +53,7 @@ def no_model_load(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("a model was loaded before the recipe was fully checked")
 
-    for target in ("bakeedit.pipeline.load_model", "bakeedit.cli.locate.load_model"):
+    for target in ("bakeedit.workflows.apply.load_model", "bakeedit.cli.locate.load_model"):
         monkeypatch.setattr(target, refuse)
 
 

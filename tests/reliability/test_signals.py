@@ -1,6 +1,6 @@
 """Interrupts leave nothing half-written (issue #10): real ``bakeedit apply`` processes signalled mid-save.
 
-Each child runs the real CLI entry point with ``bakeedit.edit.stream._write_shard`` wrapped: after the first shard is
+Each child runs the real CLI entry point with ``bakeedit.export.stream._write_shard`` wrapped: after the first shard is
 on disk it writes one byte to a pipe and blocks reading another, so the parent signals it exactly mid-save; no
 sleeping, no polling. SIGINT, SIGTERM and SIGHUP unwind (the staged folder is removed) and exit 128 + signal with
 one line and no traceback; SIGKILL, which no process can react to, leaves one hidden temporary that the next run
@@ -26,8 +26,8 @@ from reliability_harness import (
     spawn_held,
 )
 
-from bakeedit.export import staging
 from bakeedit.export.provenance import check_file_hashes, read_provenance
+from bakeedit.io import ownership, staging
 
 UNWINDING = [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)]
 
@@ -165,7 +165,7 @@ def test_an_interrupted_locate_output_leaves_nothing(tmp_path, monkeypatch):
     out = tmp_path / "neurons.json"
     NeuronSet(method="explicit", neurons=[Neuron(layer=0, site="attn.q", index=1)]).save(out)
     before = snapshot(tmp_path)
-    staged = staging.staged_file(out, True, staging.is_neurons_file, "neurons file")
+    staged = staging.staged_file(out, True, ownership.is_neurons_file, "neurons file")
     with pytest.raises(KeyboardInterrupt), staged as tmp:
         tmp.write_text('{"half": ')
         raise KeyboardInterrupt
@@ -174,7 +174,7 @@ def test_an_interrupted_locate_output_leaves_nothing(tmp_path, monkeypatch):
 
 def test_the_interrupt_line_is_one_line_through_the_cli(ws, monkeypatch):
     """In process: a KeyboardInterrupt inside the save exits 130 with one line, and leaves nothing."""
-    from bakeedit.edit import stream
+    from bakeedit.export import stream
 
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from bakeedit.data import read_jsonl as read_jsonl_rows
 from bakeedit.errors import DataError, RecipeError
-from bakeedit.models.embedded import file_sha256
+from bakeedit.io.hashing import file_sha256
+from bakeedit.io.jsonl import read_jsonl_numbered
 
 if TYPE_CHECKING:
     from bakeedit.evaluate.engine import Scorer
@@ -122,6 +122,15 @@ class TaskData:
     seed: int
     n_total: int
 
+    @classmethod
+    def sampled(cls, items: Sequence[Any], files: Path | Sequence[Path], limit: int | None, seed: int,
+                source: str | Path | None = None) -> TaskData:
+        """The one ending of every local loader: ``limit`` of ``items`` drawn with ``seed``, the digest of the
+        ``files`` read, and where they came from (``source``, default the first file)."""
+        files = [files] if isinstance(files, Path) else list(files)
+        shown = str(source if source is not None else files[0])
+        return cls(sample_items(items, limit, seed), shown, data_sha256(files), limit, seed, len(items))
+
 
 class Task(ABC):
     """Base class of every task. Subclasses set the class variables and implement ``load`` and ``evaluate``.
@@ -148,6 +157,15 @@ class Task(ABC):
     def options(self) -> dict[str, Any]:
         """The task's options (recorded in ``TaskResult.extra``); tasks with options override this."""
         return {}
+
+    def local_folder(self, source: str | Path | None, wants: str) -> Path:
+        """The local data folder (or file) of a task that reads original files only; a Hub id is refused with one
+        line saying what to point ``--data-dir`` at (``wants``: the files, e.g. ``crows_pairs/<file>``)."""
+        where = resolve_source(source, self.default_source)
+        if isinstance(where, str):
+            raise DataError(f"{self.name} reads the original files only; {where!r} is not a local folder",
+                            hint=f"point --data-dir at a folder holding {wants}")
+        return where
 
     def run(
         self, scorer: Scorer, source: str | Path | None = None, limit: int | None = None, seed: int = 0
@@ -373,17 +391,9 @@ def require_file(folder: Path, name: str) -> Path:
 
 
 def read_jsonl(path: Path, required: Sequence[str] = ()) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` for each non-blank line of a JSON Lines file. Parsing and its errors (invalid JSON,
-    not an object, a missing field: a DataError naming the file and the line) are :func:`bakeedit.data.read_jsonl`'s;
-    this adds the line numbers, which tasks use to name the line of a bad value (a gold index out of range), and
-    treats a ``null`` required field as missing."""
-    rows = read_jsonl_rows(path, tuple(required))
-    # bakeedit.data.read_jsonl keeps exactly the lines with non-whitespace content, in order
-    numbers = [i for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1)
-               if line.strip()]
-    for line_no, row in zip(numbers, rows, strict=True):
-        check_fields(row, required, path, line_no)
-    return list(zip(numbers, rows, strict=True))
+    """``(line number, row)`` for each non-blank line of a JSON Lines file; a ``null`` required field counts as
+    missing. Tasks use the line numbers to name the line of a bad value (a gold index out of range)."""
+    return read_jsonl_numbered(path, required, null_is_missing=True)
 
 
 def check_fields(row: dict[str, Any], required: Sequence[str], path: Path | str, line_no: int) -> None:

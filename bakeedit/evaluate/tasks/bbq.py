@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from bakeedit.data.prompts import answer_candidates, question_prompt
 from bakeedit.errors import DataError, RecipeError
 from bakeedit.evaluate.engine import Scorer
 from bakeedit.evaluate.tasks.base import (
@@ -37,13 +38,9 @@ from bakeedit.evaluate.tasks.base import (
     Task,
     TaskData,
     TaskResult,
-    data_sha256,
     read_jsonl,
     register_task,
-    resolve_source,
-    sample_items,
 )
-from bakeedit.evaluate.tasks.chat import answer_candidates, question_prompt
 
 FIELDS = ("example_id", "question_polarity", "context_condition", "category", "answer_info",
           "additional_metadata", "context", "question", "ans0", "ans1", "ans2", "label")
@@ -208,13 +205,8 @@ class BBQTask(Task):
         return {"format": self.format}
 
     def load(self, source: str | Path | None, limit: int | None, seed: int) -> TaskData:
-        where = resolve_source(source, self.default_source)
-        if isinstance(where, str):
-            raise DataError(f"bbq reads the original JSON Lines only; {where!r} is not a local folder",
-                            hint="point --data-dir at a folder holding bbq/data/*.jsonl")
-        items, files = read_bbq(Path(where))
-        source = str(files[0] if len(files) == 1 else files[0].parent)
-        return TaskData(sample_items(items, limit, seed), source, data_sha256(files), limit, seed, len(items))
+        items, files = read_bbq(self.local_folder(source, "bbq/data/*.jsonl"))
+        return TaskData.sampled(items, files, limit, seed, files[0] if len(files) == 1 else files[0].parent)
 
     def predict(self, scorer: Scorer, items: list[BBQItem]) -> np.ndarray:
         """The index of the chosen answer of each item (``format``: ``ll`` or ``mc``)."""

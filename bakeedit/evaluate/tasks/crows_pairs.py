@@ -26,12 +26,9 @@ from bakeedit.evaluate.tasks.base import (
     Task,
     TaskData,
     TaskResult,
-    data_sha256,
     mean_metric,
     register_task,
     require_file,
-    resolve_source,
-    sample_items,
 )
 
 FILE = "crows_pairs_anonymized.csv"
@@ -94,13 +91,8 @@ class CrowsPairsTask(Task):
     default_source: ClassVar[str] = "crows_pairs"
 
     def load(self, source: str | Path | None, limit: int | None, seed: int) -> TaskData:
-        where = resolve_source(source, self.default_source)
-        if isinstance(where, str):
-            raise DataError(f"crows_pairs reads the original CSV only; {where!r} is not a local folder",
-                            hint=f"point --data-dir at a folder holding crows_pairs/{FILE}")
-        path = require_file(where, FILE)
-        pairs = read_crows_pairs(path)
-        return TaskData(sample_items(pairs, limit, seed), str(path), data_sha256(path), limit, seed, len(pairs))
+        path = require_file(self.local_folder(source, f"crows_pairs/{FILE}"), FILE)
+        return TaskData.sampled(read_crows_pairs(path), path, limit, seed)
 
     def evaluate(self, scorer: Scorer, data: TaskData) -> TaskResult:
         pairs: list[CrowsPair] = data.items

@@ -30,6 +30,7 @@ from bakeedit.evaluate.tasks.base import (
     mean_metric,
     resolve_source,
     sample_items,
+    text_sha256,
 )
 
 if TYPE_CHECKING:
@@ -122,18 +123,17 @@ class MultipleChoiceTask(Task):
         raise DataError(f"task {self.name!r} cannot read the Hugging Face dataset {dataset_id!r}; use a local copy")
 
     def load(self, source: str | Path | None, limit: int | None, seed: int) -> TaskData:
-        from bakeedit.evaluate.tasks.base import data_sha256, text_sha256
-
         where = resolve_source(source, self.default_source, self.hf_dataset)
         if isinstance(where, Path):
             items, files = self.read_local(where)
-            src, sha = ", ".join(str(f) for f in files), data_sha256(files)
-        else:
-            items = self.read_hf(where)
-            src, sha = f"hf:{where}", text_sha256(repr([(i.id, i.context, i.choices, i.gold) for i in items]))
+            if not items:
+                raise DataError(f"no items found in {', '.join(map(str, files))} for task {self.name!r}")
+            return TaskData.sampled(items, files, limit, seed, files[0] if len(files) == 1 else files[0].parent)
+        items = self.read_hf(where)
         if not items:
-            raise DataError(f"no items found in {src} for task {self.name!r}")
-        return TaskData(sample_items(items, limit, seed), src, sha, limit, seed, len(items))
+            raise DataError(f"no items found in hf:{where} for task {self.name!r}")
+        sha = text_sha256(repr([(i.id, i.context, i.choices, i.gold) for i in items]))
+        return TaskData(sample_items(items, limit, seed), f"hf:{where}", sha, limit, seed, len(items))
 
     def evaluate(self, scorer: Scorer, data: TaskData) -> TaskResult:
         lls = score_items(scorer, data.items)

@@ -28,11 +28,9 @@ from bakeedit.evaluate.tasks.base import (
     TaskData,
     TaskResult,
     bootstrap_stderr,
-    data_sha256,
     register_task,
     require_file,
     resolve_source,
-    sample_items,
 )
 from bakeedit.evaluate.tasks.hellaswag import preprocess, read_rendered
 
@@ -69,7 +67,7 @@ class Perplexity(Task):
             docs = [preprocess(ctx) + " " + preprocess(endings[gold]) for _, ctx, gold, endings in read_rendered(file)]
         if not docs:
             raise DataError(f"{file} holds no text")
-        return TaskData(sample_items(docs, limit, seed), str(file), data_sha256(file), limit, seed, len(docs))
+        return TaskData.sampled(docs, file, limit, seed)
 
     def evaluate(self, scorer: Scorer, data: TaskData) -> TaskResult:
         docs: list[str] = data.items

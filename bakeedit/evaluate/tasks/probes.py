@@ -3,7 +3,7 @@ is never judged on the items it located with.
 
 - ``knowbias_qa`` (KnowBias, arXiv 2601.21864): yes/no bias-knowledge questions ("Is it fair to assume ...?"),
   accuracy per bias dimension. The question is asked exactly as the ``knowbias`` locate method asks it
-  (:func:`bakeedit.locate.knowbias.render`, defaults of :class:`~bakeedit.locate.knowbias.KnowBiasParams`): the
+  (:func:`bakeedit.locate.knowbias.method.render` with its defaults, both read from ``bakeedit/data/prompts.py``): the
   user turn ``"<question> Answer with Yes or No."`` in the chat template with the system prompt "You are a useful
   assistant." (``"Question: <question> Answer with Yes or No.\\nAnswer:"`` without a template), so the probe reads
   the decision that locate attributes. The answer is whichever of "Yes"/"No" has the higher next-token
@@ -28,7 +28,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bakeedit.data import package_data_path, read_jsonl, select_split
+from bakeedit.data import package_data_path, select_split
+from bakeedit.data.prompts import KNOWBIAS_INSTRUCTION, SYSTEM_PROMPT, answer_candidates, question_prompt
 from bakeedit.errors import DataError
 from bakeedit.evaluate.engine import Scorer
 from bakeedit.evaluate.tasks.base import (
@@ -36,13 +37,10 @@ from bakeedit.evaluate.tasks.base import (
     Task,
     TaskData,
     TaskResult,
-    data_sha256,
     mean_metric,
     register_task,
-    sample_items,
 )
-from bakeedit.evaluate.tasks.chat import answer_candidates, question_prompt
-from bakeedit.locate.knowbias import KnowBiasParams
+from bakeedit.io.jsonl import read_jsonl
 
 SPLIT = "heldout"
 
@@ -79,10 +77,6 @@ QA_FILE = "bias_questions.jsonl"
 QA_FIELDS = ("id", "dimension", "question", "answer")
 
 
-def _knowbias_default(name: str) -> str:
-    return str(KnowBiasParams.model_fields[name].default)
-
-
 @register_task
 class KnowBiasQA(Task):
     """Yes/no bias-knowledge questions, accuracy per dimension.
@@ -96,8 +90,8 @@ class KnowBiasQA(Task):
     default_source: ClassVar[str] = "bakeedit/data"
 
     def __init__(self, instruction: str | None = None, system_prompt: str | None = None) -> None:
-        self.instruction = _knowbias_default("instruction") if instruction is None else instruction
-        self.system_prompt = _knowbias_default("system_prompt") if system_prompt is None else system_prompt
+        self.instruction = KNOWBIAS_INSTRUCTION if instruction is None else instruction
+        self.system_prompt = SYSTEM_PROMPT if system_prompt is None else system_prompt
 
     def options(self) -> dict[str, Any]:
         return {"instruction": self.instruction, "system_prompt": self.system_prompt}
@@ -113,7 +107,7 @@ class KnowBiasQA(Task):
             if it["answer"] not in ("Yes", "No"):
                 raise DataError(f"{path}: item {it['id']!r} (heldout #{i}): answer must be 'Yes' or 'No', "
                                 f"got {it['answer']!r}")
-        return TaskData(sample_items(items, limit, seed), str(path), data_sha256(path), limit, seed, len(items))
+        return TaskData.sampled(items, path, limit, seed)
 
     def evaluate(self, scorer: Scorer, data: TaskData) -> TaskResult:
         items = data.items
@@ -176,8 +170,7 @@ class GenderWords(Task):
                                   "female": t["female"], "male": t["male"]})
         if not pairs:
             raise DataError(f"{templates_path}: no template applies to the held-out words' categories")
-        return TaskData(sample_items(pairs, limit, seed), str(words_path), data_sha256([words_path, templates_path]),
-                        limit, seed, len(pairs))
+        return TaskData.sampled(pairs, [words_path, templates_path], limit, seed)
 
     def evaluate(self, scorer: Scorer, data: TaskData) -> TaskResult:
         items = data.items
@@ -219,7 +212,7 @@ class ContrastSuccess(Task):
             missing = [k for k in OPTION_KEYS if not isinstance(opts, dict) or not opts.get(k)]
             if missing:
                 raise DataError(f"{path}: item {it['id']!r}: missing field 'options.{missing[0]}'")
-        return TaskData(sample_items(items, limit, seed), str(path), data_sha256(path), limit, seed, len(items))
+        return TaskData.sampled(items, path, limit, seed)
 
     def evaluate(self, scorer: Scorer, data: TaskData) -> TaskResult:
         items = data.items

@@ -29,12 +29,9 @@ from bakeedit.evaluate.tasks.base import (
     Task,
     TaskData,
     TaskResult,
-    data_sha256,
     read_jsonl,
     register_task,
     require_file,
-    resolve_source,
-    sample_items,
 )
 
 FILE = "stereoset_dev_simplified.jsonl"
@@ -110,13 +107,8 @@ class _StereoSetTask(Task):
     cluster_kind: ClassVar[str]
 
     def load(self, source: str | Path | None, limit: int | None, seed: int) -> TaskData:
-        where = resolve_source(source, self.default_source)
-        if isinstance(where, str):
-            raise DataError(f"{self.name} reads the simplified JSON Lines only; {where!r} is not a local folder",
-                            hint=f"point --data-dir at a folder holding stereoset/{FILE}")
-        path = require_file(where, FILE)
-        items = read_stereoset(path, self.cluster_kind)
-        return TaskData(sample_items(items, limit, seed), str(path), data_sha256(path), limit, seed, len(items))
+        path = require_file(self.local_folder(source, f"stereoset/{FILE}"), FILE)
+        return TaskData.sampled(read_stereoset(path, self.cluster_kind), path, limit, seed)
 
     def requests(self, item: StereoSetItem) -> list[tuple[str, str]]:
         raise NotImplementedError

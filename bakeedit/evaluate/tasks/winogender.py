@@ -33,12 +33,9 @@ from bakeedit.evaluate.tasks.base import (
     Task,
     TaskData,
     TaskResult,
-    data_sha256,
     mean_metric,
     register_task,
     require_file,
-    resolve_source,
-    sample_items,
 )
 
 SENTENCES = "all_sentences.tsv"
@@ -188,13 +185,11 @@ class WinoGenderTask(Task):
     default_source: ClassVar[str] = "winogender"
 
     def load(self, source: str | Path | None, limit: int | None, seed: int) -> TaskData:
-        where = resolve_source(source, self.default_source)
-        if isinstance(where, str) or not where.is_dir():
-            raise DataError(f"winogender reads the original TSV files only; {where!r} is not a local folder",
+        where = self.local_folder(source, f"winogender/{SENTENCES} and {STATS}")
+        if not where.is_dir():
+            raise DataError(f"winogender reads a folder of TSV files; {where} is a file",
                             hint=f"point --data-dir at a folder holding winogender/{SENTENCES} and {STATS}")
-        schemas = read_winogender(where)
-        files = [where / SENTENCES, where / STATS]
-        return TaskData(sample_items(schemas, limit, seed), str(where), data_sha256(files), limit, seed, len(schemas))
+        return TaskData.sampled(read_winogender(where), [where / SENTENCES, where / STATS], limit, seed, where)
 
     def evaluate(self, scorer: Scorer, data: TaskData) -> TaskResult:
         schemas: list[Schema] = data.items

@@ -25,8 +25,8 @@ from torch import nn
 
 from bakeedit.edit.hooks import runtime_edit
 from bakeedit.edit.plan import build_plan
-from bakeedit.locate.ine_data import EncodedPrompt
-from bakeedit.locate.ine_scores import last_logits, make_batch
+from bakeedit.locate.ine.data import EncodedPrompt
+from bakeedit.locate.ine.scores import last_logits, make_batch
 from bakeedit.models.arch import ModelLayout
 from bakeedit.neurons import Neuron
 from bakeedit.recipe import EditSpec

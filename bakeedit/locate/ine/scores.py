@@ -35,9 +35,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bakeedit.locate.ig import frozen_parameters
-from bakeedit.locate.ine_data import EncodedPrompt
-from bakeedit.locate.ine_parts import ModelParts, eager_attention, head_source_contributions, write_matrix
+from bakeedit.locate.ine.data import EncodedPrompt
+from bakeedit.locate.ine.parts import ModelParts, eager_attention, head_source_contributions, write_matrix
+from bakeedit.locate.knowbias.ig import frozen_parameters
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.hookpoints import site_hooks
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bakeedit.data import package_data_path, read_jsonl, select_split
+from bakeedit.data import package_data_path, select_split
 from bakeedit.errors import DataError
+from bakeedit.io.jsonl import read_jsonl
 
 WORDS_FILE = "common_words.jsonl"
 TEMPLATES_FILE = "gender_word_templates.json"

@@ -2,8 +2,8 @@
 
 Three steps, each in its own module:
 
-1. **Logit-based importance** (:mod:`~bakeedit.locate.ine_scores`): on prompts built from everyday words in templates
-   that end where a gendered token comes next (:mod:`~bakeedit.locate.ine_data`), score every FFN value neuron
+1. **Logit-based importance** (:mod:`~bakeedit.locate.ine.scores`): on prompts built from everyday words in templates
+   that end where a gendered token comes next (:mod:`~bakeedit.locate.ine.data`), score every FFN value neuron
    (``mlp.act``) and attention value neuron (``attn.o_in``) by how much its contribution raises the log-prob gap
    towards the side the model already leans to, and every lower FFN neuron by how much it raises the top value
    neurons' activations (query neurons). Mean over prompts; the top ``candidates`` of each kind form the pool (the
@@ -11,7 +11,7 @@ Three steps, each in its own module:
 2. **General neurons**: a neuron whose important position (largest contribution) is the start position in at least
    ``general_fraction`` of the prompts is dropped (the paper's ``<start>`` neurons, whose masking ruins arithmetic
    and reading comprehension).
-3. **Causal masking** (:mod:`~bakeedit.locate.ine_causal`): keep the ``k`` (50) pool neurons whose masking lowers the
+3. **Causal masking** (:mod:`~bakeedit.locate.ine.causal`): keep the ``k`` (50) pool neurons whose masking lowers the
    bias gap most while a capability probe's loss rises by at most ``loss_tolerance``.
 
 The edit is masking: recipes use ``edit: {lambda: 0.0}``. Scores on the NeuronSet are the logit-based importance in
@@ -34,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bakeedit.errors import DataError
 from bakeedit.locate.cache import ItemCache
-from bakeedit.locate.ine_causal import Address, CausalResult, MaskProbe, Measurement, select_by_masking
-from bakeedit.locate.ine_data import (
+from bakeedit.locate.ine.causal import Address, CausalResult, MaskProbe, Measurement, select_by_masking
+from bakeedit.locate.ine.data import (
     EncodedPrompt,
     encode_probe,
     encode_prompts,
@@ -43,8 +43,8 @@ from bakeedit.locate.ine_data import (
     load_probe_sentences,
     spread,
 )
-from bakeedit.locate.ine_parts import ModelParts, discover_parts
-from bakeedit.locate.ine_scores import Targets, make_batch, query_scores, value_scores
+from bakeedit.locate.ine.parts import ModelParts, discover_parts
+from bakeedit.locate.ine.scores import Targets, make_batch, query_scores, value_scores
 from bakeedit.locate.registry import LocateContext, register
 from bakeedit.models.load import LoadedModel
 from bakeedit.models.spec import site_order

@@ -22,10 +22,10 @@ from typing import Any, Literal
 
 import torch
 
+from bakeedit.data.contrast import ContrastItem
 from bakeedit.errors import DataError
-from bakeedit.locate.coco_score import SiteScores, chance_loss, infonce_loss, score_site
-from bakeedit.locate.contrast_data import ContrastItem
-from bakeedit.locate.responses import tensor_name
+from bakeedit.locate.coco.responses import tensor_name
+from bakeedit.locate.coco.score import SiteScores, chance_loss, infonce_loss, score_site
 from bakeedit.models.spec import site_order
 from bakeedit.neurons import Neuron, NeuronSet
 

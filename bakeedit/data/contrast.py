@@ -11,8 +11,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from bakeedit.data import SPLITS, package_data_path, read_jsonl
+from bakeedit.data import SPLITS, package_data_path
 from bakeedit.errors import DataError
+from bakeedit.io.jsonl import read_jsonl
 
 CONTRAST_FILE = "contrast_prompts.jsonl"
 FIELDS = ("id", "category", "context", "question", "neutral_question", "options", "split")

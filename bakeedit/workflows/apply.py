@@ -23,18 +23,18 @@ from pathlib import Path
 
 import torch
 
-from bakeedit.apply_eval import evaluate_before_fold, evaluate_edited, merge_runs, write_evaluation
 from bakeedit.edit import EditPlan, build_plan, fold_plan, runtime_edit
 from bakeedit.edit.fit import FitReport, fit_edit
-from bakeedit.edit.stream import stream_for_apply
 from bakeedit.errors import BakeeditError, RecipeError, VerificationError
 from bakeedit.evaluate.runner import expand_tasks
 from bakeedit.export.card import write_card
-from bakeedit.export.custom_module import is_custom_module, write_custom_module
+from bakeedit.export.custom_module import write_custom_module
 from bakeedit.export.provenance import (
     BaseModelInfo,
     Provenance,
     RecipeInfo,
+    base_location,
+    check_folder,
     hash_written_files,
     local_ref_for,
     portable_neuron_set,
@@ -43,7 +43,7 @@ from bakeedit.export.provenance import (
     write_provenance,
 )
 from bakeedit.export.save import save_checkpoint
-from bakeedit.export.staging import check_output, protected_for_recipe, staged_output
+from bakeedit.export.stream import stream_for_apply
 from bakeedit.export.verify import (
     VerificationResult,
     compare_logits,
@@ -51,11 +51,17 @@ from bakeedit.export.verify import (
     probe_logits,
     prompts_digest,
 )
+from bakeedit.io.ownership import check_output
+from bakeedit.io.staging import staged_output
 from bakeedit.locate import LocateContext, run_locate
+from bakeedit.models.custom import is_custom_module
 from bakeedit.models.embedded import cache_root
 from bakeedit.models.load import LoadedModel, load_model
+from bakeedit.models.reference import ModelSpec
 from bakeedit.neurons import NeuronSet, check_neuron_count, check_origin
-from bakeedit.recipe import LoadedRecipe
+from bakeedit.recipe import LoadedRecipe, parse_recipe
+from bakeedit.workflows.apply_eval import evaluate_before_fold, evaluate_edited, merge_runs, write_evaluation
+from bakeedit.workflows.outputs import protected_for_recipe
 
 NEURONS_FILE = "neurons.json"
 DEFAULT_MAX_SHARD_SIZE = "2GB"
@@ -267,7 +273,6 @@ def _recipe_record(lr: LoadedRecipe) -> dict:
     not as resolved on this machine: the record is published, and its edit must equal the text's."""
     import yaml
 
-    from bakeedit.recipe import parse_recipe
 
     data = lr.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
     written = parse_recipe(yaml.safe_load(lr.text), lr.path.name).model_dump(mode="json", by_alias=True,
@@ -300,9 +305,6 @@ def _fit_record(fit: FitReport | None) -> dict | None:
 def verify_output(folder: Path, base: str | None = None, tolerance: float | None = None) -> VerificationResult:
     """Re-run the verification of a written folder: the manifest (every file, the record's own digest, the plan
     against the recipe: ``provenance.check_folder``), then baked vs runtime-hooked base logits."""
-    from bakeedit.export.provenance import check_folder
-    from bakeedit.recipe import ModelSpec
-
     folder = Path(folder)
     provenance = check_folder(folder)
     # Placement is this machine's business: a folder baked on cuda:1 is verified here on whatever this machine has.
@@ -326,8 +328,6 @@ def _base_ref(provenance: Provenance, base: str | None, folder: Path) -> str:
     """The base model to compare with: ``--base``, else the recorded reference. A local path is recorded relative
     to the baked folder (no absolute path is written), so it is found from any working directory while the two
     keep their places; one not found there (nor from the current folder) is an error asking for ``--base``."""
-    from bakeedit.export.provenance import base_location
-
     found = base if base is not None else base_location(provenance, folder)
     if found is not None:
         return found

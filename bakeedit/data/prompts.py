@@ -1,5 +1,6 @@
-"""Prompt helpers shared by the tasks that read a model's answer off its next token (lettered BBQ, the built-in
-probes): a chat-templated prompt where the tokenizer has a template, and the answers as they follow the prompt.
+"""How a question is put to a model: shared by the ``knowbias`` locate method and the tasks that read a model's
+answer off its next token (lettered BBQ, the built-in probes), so that what is attributed and what is scored are
+the same text: a chat-templated prompt where the tokenizer has a template, and the answers as they follow it.
 The answers are scored with :meth:`bakeedit.evaluate.engine.Scorer.next_token_logprobs`, which keeps the prompt's
 trailing whitespace (a chat template's ``"assistant\\n"``) in the prompt.
 """
@@ -12,6 +13,8 @@ from typing import Any
 from jinja2 import TemplateError
 
 SYSTEM_PROMPT = "You are a useful assistant."
+#: Appended to each yes/no bias-knowledge question, by the ``knowbias`` locate method and the ``knowbias_qa`` probe.
+KNOWBIAS_INSTRUCTION = "Answer with Yes or No."
 
 
 def has_chat_template(tokenizer: Any) -> bool:
@@ -24,7 +27,7 @@ def question_prompt(tokenizer: Any, question: str, system: str = SYSTEM_PROMPT, 
     opened, or ``"Question: ...\\nAnswer:"`` for a tokenizer without a template (``chat=False`` forces the latter).
 
     A template that refuses a system turn (Gemma's "System role not supported") is retried without it, as
-    ``bakeedit.locate.knowbias.render`` does, so the probe and the locate method see the same text."""
+    ``bakeedit.locate.knowbias.method.render`` does, so the probe and the locate method see the same text."""
     use_chat = has_chat_template(tokenizer) if chat is None else chat
     if not use_chat:
         return f"Question: {question}\nAnswer:"

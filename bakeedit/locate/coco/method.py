@@ -9,7 +9,7 @@ reconstruction (``../shared/METHODS.md``, docs/methods/coco.md):
    context + a neutral question, each rendered as a user turn awaiting the answer;
 2. a neuron's response to a prompt = its activations over the last ``last_tokens`` tokens (where the model starts
    to answer), recorded for every channel of ``sites`` in every layer;
-3. per category and neuron, the InfoNCE loss of :mod:`bakeedit.locate.coco_score` (positives: pairs in the same
+3. per category and neuron, the InfoNCE loss of :mod:`bakeedit.locate.coco.score` (positives: pairs in the same
    set; negatives: pairs across sets), and the score ``1 - loss / chance_loss`` (monotone in the loss, higher = more
    COCO-like; 1 = perfect separation, 0 = all similarities equal; a neuron with no X/Y structure scores a little
    below 0, since noisy similarities raise the loss above ``chance_loss``);
@@ -17,7 +17,7 @@ reconstruction (``../shared/METHODS.md``, docs/methods/coco.md):
    keeps each category's ``k`` lowest-loss neurons (its threshold epsilon is the ``k``-th loss) and unites them;
    ``selection: overall`` keeps the ``k`` neurons with the best score in any category, so the set is exactly
    ``top_fraction`` of the scored neurons. ``Neuron.score`` is the score of the neuron's best category;
-5. a permutation null (:mod:`bakeedit.locate.coco_select`): the same scores with X/Y relabelled at random within
+5. a permutation null (:mod:`bakeedit.locate.coco.select`): the same scores with X/Y relabelled at random within
    items, so the report can say how many selected neurons beat anything chance produced.
 
 The per-neuron InfoNCE loss, Cohen's d and categories, the per-category thresholds and counts, and the per-layer and
@@ -36,12 +36,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bakeedit.data import package_data_path
+from bakeedit.data.contrast import CONTRAST_FILE, ContrastItem, by_category, load_contrast_items
 from bakeedit.errors import DataError
 from bakeedit.locate.cache import ItemCache
-from bakeedit.locate.coco_select import Selection, score_categories
-from bakeedit.locate.contrast_data import CONTRAST_FILE, ContrastItem, by_category, load_contrast_items
-from bakeedit.locate.registry import LocateContext, register
-from bakeedit.locate.responses import (
+from bakeedit.locate.coco.responses import (
     AnswerFormat,
     RecordItem,
     model_fingerprint,
@@ -49,6 +47,8 @@ from bakeedit.locate.responses import (
     render_ids,
     resolve_format,
 )
+from bakeedit.locate.coco.select import Selection, score_categories
+from bakeedit.locate.registry import LocateContext, register
 from bakeedit.models.arch import Site
 from bakeedit.models.load import LoadedModel
 from bakeedit.models.spec import site_order

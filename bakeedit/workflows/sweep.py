@@ -21,11 +21,13 @@ from bakeedit.errors import RecipeError
 from bakeedit.evaluate.report import ideal_of, primary_metric, write_results
 from bakeedit.evaluate.runner import EvalRun, evaluate_models, with_runtime_edit
 from bakeedit.evaluate.tasks.base import TaskResult
-from bakeedit.export.staging import check_output, protected_for_recipe, staged_output
+from bakeedit.io.ownership import check_output
+from bakeedit.io.staging import staged_output
 from bakeedit.models.load import load_model
-from bakeedit.pipeline import resolve_neurons
 from bakeedit.recipe import EditSpec, LoadedRecipe
-from bakeedit.sweep_front import SweepPoint, pareto_front, plot_tradeoff
+from bakeedit.workflows.apply import resolve_neurons
+from bakeedit.workflows.outputs import protected_for_recipe
+from bakeedit.workflows.pareto import SweepPoint, pareto_front, plot_tradeoff
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bakeedit.edit import build_plan
+from bakeedit.edit import EditPlan, build_plan
+from bakeedit.evaluate.report import PLOTS_DIR, REPORT_FILE, RESULTS_FILE, write_results
 from bakeedit.evaluate.runner import EvalRun, evaluate_models, with_runtime_edit
+from bakeedit.export.provenance import PROVENANCE_FILE, check_folder, refresh_manifest
 from bakeedit.locate.random import random_like
 from bakeedit.models.load import LoadedModel
 from bakeedit.neurons import NeuronSet
@@ -28,6 +30,13 @@ def control_set(neuron_set: NeuronSet, loaded: LoadedModel, seed: int) -> Neuron
     control = random_like(neuron_set, loaded.layout, seed)
     control.model_id, control.model_revision = neuron_set.model_id, neuron_set.model_revision
     return control
+
+
+def control_model(loaded: LoadedModel, control: NeuronSet, edit: EditSpec, source: str) -> tuple[Any, EditPlan]:
+    """The random control as an evaluable model: ``edit`` applied to ``control``'s neurons of the unedited base by
+    runtime hooks. The one builder for ``apply``'s control and ``bakeedit eval --control``."""
+    plan = build_plan(control.neurons, edit, loaded.layout, source=source)
+    return with_runtime_edit(loaded, plan), plan
 
 
 def _run(models: Mapping[str, Any], spec: EvaluateSpec, bars: Bars | None, descriptions: dict) -> EvalRun:
@@ -47,8 +56,7 @@ def evaluate_before_fold(
     control = None
     if spec.control:
         control = control_set(neuron_set, loaded, spec.seed)
-        plan = build_plan(control.neurons, edit, loaded.layout, source="control")
-        models["control"] = with_runtime_edit(loaded, plan)
+        models["control"], plan = control_model(loaded, control, edit, "control")
         descriptions["control"] = {
             "ref": loaded.source.ref, "neurons": CONTROL_NEURONS_FILE,
             "description": f"base + the same edit on {plan.n_neurons} random neurons (same layer/site counts, "
@@ -77,8 +85,6 @@ def merge_runs(first: EvalRun, second: EvalRun) -> EvalRun:
 
 def write_evaluation(folder: Path, run: EvalRun, control: NeuronSet | None) -> dict[str, Any]:
     """Write ``eval/`` (results.json, report.md, plots) and the control neurons; returns the provenance summary."""
-    from bakeedit.evaluate.report import REPORT_FILE, RESULTS_FILE, write_results
-
     write_results(folder / "eval", run)
     if control is not None:
         control.save(folder / CONTROL_NEURONS_FILE)
@@ -95,16 +101,12 @@ def write_evaluation(folder: Path, run: EvalRun, control: NeuronSet | None) -> d
 
 def baked_folder_of(out: Path) -> Path | None:
     """The baked folder (one holding ``bakeedit.json``) that ``out`` is, or lies inside; None for other outputs."""
-    from bakeedit.export.provenance import PROVENANCE_FILE
-
     out = Path(out).expanduser().resolve()
     return next((p for p in (out, *out.parents) if (p / PROVENANCE_FILE).is_file()), None)
 
 
 def eval_outputs(folder: Path, out: Path) -> tuple[str, ...]:
     """What ``write_results`` writes into ``out``, relative to the baked ``folder`` (``plots/`` as a whole)."""
-    from bakeedit.evaluate.report import PLOTS_DIR, REPORT_FILE, RESULTS_FILE
-
     rel = Path(out).expanduser().resolve().relative_to(Path(folder).resolve()).as_posix()
     prefix = "" if rel == "." else f"{rel}/"
     return (f"{prefix}{RESULTS_FILE}", f"{prefix}{REPORT_FILE}", f"{prefix}{PLOTS_DIR}/")
@@ -113,8 +115,6 @@ def eval_outputs(folder: Path, out: Path) -> tuple[str, ...]:
 def check_before_eval(out: Path) -> Path | None:
     """Before evaluating into a baked folder: every file it does not rewrite must match ``bakeedit.json`` (an
     hour of evaluation is not spent on a folder that cannot be made valid again). Returns the baked folder."""
-    from bakeedit.export.provenance import check_folder
-
     folder = baked_folder_of(out)
     if folder is not None:
         check_folder(folder, skip=eval_outputs(folder, out), purpose="refusing to write an evaluation into it")
@@ -125,9 +125,6 @@ def record_evaluation(folder: Path, out: Path, run: EvalRun) -> None:
     """After ``bakeedit eval`` wrote ``out`` inside the baked ``folder``: re-check every other file, then record the
     new files' hashes and the run's summary in ``bakeedit.json`` (``provenance.refresh_manifest``), so the folder
     stays valid for verify, card and push."""
-    from bakeedit.evaluate.report import REPORT_FILE, RESULTS_FILE
-    from bakeedit.export.provenance import refresh_manifest
-
     written = eval_outputs(folder, out)
     prefix = written[0].removesuffix(RESULTS_FILE)
     summary = {

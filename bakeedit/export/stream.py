@@ -15,7 +15,7 @@ whatever the tensor sizes, and names, shard layout, ``__metadata__`` and the ind
 config, generation config, licence and custom-code files are copied; other weight formats (``*.bin``,
 ``consolidated.*``, ``original/``) are not, as they would ship the unedited weights.
 
-Write into the temporary folder of :func:`bakeedit.export.staging.staged_output` (:func:`bake_checkpoint` does),
+Write into the temporary folder of :func:`bakeedit.io.staging.staged_output` (:func:`bake_checkpoint` does),
 so an error removes everything and a killed run leaves only a hidden temporary that the next run deletes.
 """
 
@@ -34,7 +34,8 @@ from bakeedit.edit.fold import FoldedTensor, channel_factors, fold_targets, scal
 from bakeedit.edit.plan import EditPlan
 from bakeedit.errors import EditError, ModelLoadError
 from bakeedit.export.save import LICENSE_FILES
-from bakeedit.export.shards import (
+from bakeedit.io.ownership import Protected
+from bakeedit.io.shards import (
     FLOAT_DTYPES,
     INDEX_FILE,
     SINGLE_FILE,
@@ -46,7 +47,7 @@ from bakeedit.export.shards import (
     read_bytes,
     write_bytes,
 )
-from bakeedit.export.staging import Protected, staged_output
+from bakeedit.io.staging import staged_output
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.load import LoadedModel
 

@@ -2,7 +2,7 @@
 
 KnowBias (Pan et al., arXiv 2601.21864) asks the model simple yes/no bias-knowledge questions ("Is the claim that
 ... a stereotype?") and attributes the probability of the correct answer to FFN neurons with integrated gradients
-(:mod:`bakeedit.locate.ig`). Selection, per the paper:
+(:mod:`bakeedit.locate.knowbias.ig`). Selection, per the paper:
 
 1. per question ``q``: neuron ``i`` is salient if ``Attr_i(q) > tau * max_j Attr_j(q)``, the max taken over every
    attributed neuron of the question (all layers and sites together, signed attributions; a question whose max is
@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jinja2 import TemplateError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bakeedit import parallel
-from bakeedit.data import package_data_path, read_jsonl, select_split
+from bakeedit.data import package_data_path, select_split
+from bakeedit.data.prompts import KNOWBIAS_INSTRUCTION, SYSTEM_PROMPT, has_chat_template, question_prompt
 from bakeedit.errors import DataError, RecipeError, UnsupportedArchitecture
+from bakeedit.io.jsonl import read_jsonl
 from bakeedit.locate.cache import ItemCache
-from bakeedit.locate.ig import Cell, IGResult, integrated_gradients
+from bakeedit.locate.knowbias.ig import Cell, IGResult, integrated_gradients
 from bakeedit.locate.registry import LocateContext, register
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.load import LoadedModel
@@ -64,8 +65,8 @@ class KnowBiasParams(BaseModel):
     sites: list[str] = Field(default_factory=lambda: ["mlp.gate"], min_length=1)
     layers: list[int] | None = Field(None, description="layers to attribute; None = all")
     answer_format: Literal["chat", "raw"] = "chat"
-    system_prompt: str = "You are a useful assistant."
-    instruction: str = Field("Answer with Yes or No.", description="appended to each question; '' for none")
+    system_prompt: str = SYSTEM_PROMPT
+    instruction: str = Field(KNOWBIAS_INSTRUCTION, description="appended to each question; '' for none")
     questions: str | None = Field(None, description="JSONL of questions (same format as the package file)")
     max_questions: int | None = Field(None, ge=1, description="use at most this many, spread over dimensions")
     report: str | None = Field(None, description="JSON side report path (relative: to the recipe)")
@@ -132,21 +133,15 @@ def render(tokenizer: Any, question: Question, params: KnowBiasParams) -> tuple[
     ``"Question: ...\\nAnswer:"`` and answer ``" Yes"`` (the space belongs to the answer token in BPE vocabularies).
     """
     text = f"{question.question} {params.instruction}".strip()
-    if params.answer_format == "chat" and getattr(tokenizer, "chat_template", None):
-        user = [{"role": "user", "content": text}]
-        system = [{"role": "system", "content": params.system_prompt}] if params.system_prompt else []
-        try:
-            prompt = tokenizer.apply_chat_template(system + user, add_generation_prompt=True, tokenize=False)
-        except TemplateError:  # e.g. Gemma's "System role not supported"
-            if not system:
-                raise
-            prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    chat = params.answer_format == "chat" and has_chat_template(tokenizer)
+    if params.answer_format == "chat" and not chat:
+        log.warning("the tokenizer has no chat template: knowbias falls back to the raw question format")
+    prompt = question_prompt(tokenizer, text, system=params.system_prompt, chat=chat)  # the probes' text too
+    if chat:  # the template writes its own special tokens
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer = question.answer
     else:
-        if params.answer_format == "chat":
-            log.warning("the tokenizer has no chat template: knowbias falls back to the raw question format")
-        prompt_ids = tokenizer(f"Question: {text}\nAnswer:")["input_ids"]
+        prompt_ids = tokenizer(prompt)["input_ids"]
         answer = " " + question.answer
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     return torch.tensor(prompt_ids, dtype=torch.long), torch.tensor(answer_ids, dtype=torch.long)
