@@ -13,13 +13,14 @@ from bakeedit.cli.main import console
 from bakeedit.errors import ManifestError
 from bakeedit.export.card import HEATMAP_FILE
 from bakeedit.export.heatmap import rich_heatmap, save_heatmap_png
-from bakeedit.export.provenance import check_folder, read_provenance
+from bakeedit.export.manifest import check_folder
+from bakeedit.export.provenance import read_provenance
 from bakeedit.models.arch import SITES, ModelLayout
 from bakeedit.models.custom import read_base_config
 
 
-def _layout(folder: Path) -> ModelLayout:
-    return ModelLayout.for_config(read_base_config(folder))
+def _layout(folder: Path, prov) -> ModelLayout:
+    return ModelLayout.for_config(read_base_config(folder), arch=prov.recipe.data.get("model", {}).get("arch"))
 
 
 def _print_module_groups(prov) -> None:
@@ -59,7 +60,7 @@ def _print_manifest(folder: Path) -> None:
 def inspect_command(folder: Path, list_neurons: bool, png: Path | None) -> None:
     """Show the edit recorded in a bakeedit output folder."""
     prov = read_provenance(folder)
-    layout = _layout(folder)
+    layout = _layout(folder, prov)
     ns = prov.neurons
     console.print(
         f"[bold]{prov.recipe.data.get('name', folder.name)}[/]: {prov.plan.n_neurons} neurons from "

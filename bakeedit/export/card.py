@@ -40,7 +40,8 @@ from bakeedit.export.card_context import (
     CardContext,
 )
 from bakeedit.export.heatmap import save_heatmap_png
-from bakeedit.export.provenance import Provenance, check_folder, read_provenance, refresh_manifest
+from bakeedit.export.manifest import check_folder, refresh_manifest
+from bakeedit.export.provenance import Provenance, read_provenance
 from bakeedit.io.hashing import file_sha256
 
 

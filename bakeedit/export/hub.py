@@ -25,7 +25,8 @@ from pathlib import Path, PurePosixPath
 
 from bakeedit.errors import BakeeditError, VerificationError
 from bakeedit.export.card import CARD_FILE, build_card, write_card
-from bakeedit.export.provenance import PROVENANCE_FILE, Provenance, check_folder, folder_files, read_provenance
+from bakeedit.export.manifest import check_folder
+from bakeedit.export.provenance import PROVENANCE_FILE, Provenance, folder_files, read_provenance
 from bakeedit.io.hashing import file_sha256
 
 #: Never uploaded: hidden files and folders (``.git``, ``.cache``, temporary files of an interrupted write).

@@ -297,7 +297,8 @@ def edited_dtype(base_folder: Path, plan: EditPlan, layout: ModelLayout | None =
 
 
 def streaming_blocker(
-    base_folder: Path, plan: EditPlan, dtype: str = "auto", trust_remote_code: bool = False
+    base_folder: Path, plan: EditPlan, dtype: str = "auto", trust_remote_code: bool = False,
+    layout: ModelLayout | None = None,
 ) -> str | None:
     """Why ``bakeedit apply`` must fold in memory rather than stream, or ``None`` when it can stream.
 
@@ -311,7 +312,7 @@ def streaming_blocker(
         return f"{base_folder} is not a folder of safetensors shards"
     try:  # every refusal of plan_tensor_edits (tied, converted on load, not float, missing bias...), before writing
         config = load_config(base, trust_remote_code)
-        edits, _ = plan_tensor_edits(Checkpoint.open(base), ModelLayout.for_config(config), plan,
+        edits, _ = plan_tensor_edits(Checkpoint.open(base), layout or ModelLayout.for_config(config), plan,
                                      model_skeleton(config, trust_remote_code))
     except (EditError, ModelLoadError) as exc:
         return str(exc)
@@ -353,7 +354,7 @@ def stream_for_apply(
     if in_memory:
         return None
     base = Path(loaded.source.path)
-    blocker = streaming_blocker(base, plan, dtype, trust_remote_code)
+    blocker = streaming_blocker(base, plan, dtype, trust_remote_code, loaded.layout)
     if blocker is not None:
         if report is not None:
             report(f"folding in memory: {blocker}")

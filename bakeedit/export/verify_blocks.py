@@ -101,7 +101,7 @@ def exact_check(base: Checkpoint, baked: Checkpoint, layout: ModelLayout, plan: 
     return len(base.where), bad
 
 
-def _one_block_model(config, layer: int):
+def _one_block_model(config, layer: int, arch: str | None = None):
     """A randomly initialised model with only block ``layer``'s configuration, a 16-token vocabulary and no head."""
     from transformers import AutoModelForCausalLM
 
@@ -115,7 +115,7 @@ def _one_block_model(config, layer: int):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.lm_head = torch.nn.Identity()
-    return model.eval(), ModelLayout.for_config(cfg)
+    return model.eval(), ModelLayout.for_config(cfg, arch=arch)
 
 
 def _load_block(model: torch.nn.Module, layout: ModelLayout, ckpt: Checkpoint, layer: int) -> None:
@@ -146,7 +146,7 @@ def _run(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def functional_check(
-    config, base: Checkpoint, baked: Checkpoint, plan: EditPlan, layers: list[int]
+    config, base: Checkpoint, baked: Checkpoint, plan: EditPlan, layers: list[int], arch: str | None = None
 ) -> list[BlockCheck]:
     """Check 2 of the module docstring for each of ``layers`` (one harness per layer type, reloaded per layer)."""
     checks = []
@@ -155,7 +155,7 @@ def functional_check(
     for layer in layers:
         kind = types[layer] if types else ""
         if kind not in harnesses:
-            harnesses[kind] = _one_block_model(config, layer)
+            harnesses[kind] = _one_block_model(config, layer, arch)
         model, layout1 = harnesses[kind]
         local = EditPlan(groups=[g.model_copy(update={"layer": 0}) for g in plan.groups if g.layer == layer])
         hidden = torch.randn(*_SHAPE, model.config.hidden_size, generator=torch.Generator().manual_seed(layer))
@@ -181,17 +181,18 @@ def verify_blocks(
     tolerance: float | None = None,
     exact: bool = True,
     trust_remote_code: bool = False,
+    layout: ModelLayout | None = None,
 ) -> StreamedVerification:
     """Both checks; ``layers`` defaults to every layer the plan edits; ``exact=False`` skips check 1 (which reads
     both checkpoints in full). The tolerance defaults to that of the edited tensors' stored dtype."""
     config = load_config(Path(base_folder), trust_remote_code)
-    layout = ModelLayout.for_config(config)
+    layout = layout or ModelLayout.for_config(config)
     base, baked = Checkpoint.open(Path(base_folder)), Checkpoint.open(Path(baked_folder))
     compared, mismatched = exact_check(base, baked, layout, plan) if exact else (0, [])
     edits, _ = plan_tensor_edits(base, layout, plan)
     stored = next((FLOAT_DTYPES[e.entry.dtype] for e in edits.values()), torch.float32)
     layers = sorted({g.layer for g in plan.groups}) if layers is None else layers
-    blocks = functional_check(config, base, baked, plan, layers)
+    blocks = functional_check(config, base, baked, plan, layers, layout.arch)
     worst = max(blocks, key=lambda b: b.max_abs_delta, default=BlockCheck(-1, 0.0, 0.0, 0.0, 0.0))
     scale = max((b.max_abs_output for b in blocks), default=0.0)
     tol = tolerance if tolerance is not None else default_tolerance(stored, scale)

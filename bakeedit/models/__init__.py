@@ -1,28 +1,8 @@
-"""Model loading and the architecture map (sites -> weights).
+"""Models: loading (``load``), the architecture registry (``registry``, one data file per family under
+``architectures/``), the site layout of one model (``arch``) and hook points (``hookpoints``, ``expert_hooks``)."""
 
-The names are imported lazily (PEP 562): ``bakeedit.recipe`` needs ``bakeedit.models.arch``, while
-``bakeedit.models.load`` needs ``bakeedit.recipe``; eager imports here would make that a cycle.
-"""
+from bakeedit.models.arch import SITES, ArchSpec, ModelLayout, supported_model_types
+from bakeedit.models.load import LoadedModel, ModelSource, load_model, resolve_source
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "SITES": "bakeedit.models.arch",
-    "ArchSpec": "bakeedit.models.arch",
-    "ModelLayout": "bakeedit.models.arch",
-    "supported_model_types": "bakeedit.models.arch",
-    "LoadedModel": "bakeedit.models.load",
-    "ModelSource": "bakeedit.models.load",
-    "load_model": "bakeedit.models.load",
-    "resolve_source": "bakeedit.models.load",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'bakeedit.models' has no attribute '{name}'")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__all__ = ["SITES", "ArchSpec", "LoadedModel", "ModelLayout", "ModelSource", "load_model", "resolve_source",
+           "supported_model_types"]

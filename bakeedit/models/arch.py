@@ -96,6 +96,8 @@ class ModelLayout:
     spec: ArchSpec
     dims: Dims
     model_type: str
+    #: The table named explicitly (``model.arch``) for a type no architecture file claims, else None.
+    arch: str | None = None
     _channel_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -104,14 +106,14 @@ class ModelLayout:
         ``model_type`` no architecture file claims."""
         model_type = (getattr(config, "text_config", None) or config).model_type
         spec = spec_for(model_type, arch)
-        return cls(spec=spec, dims=_dims(config, spec), model_type=model_type)
+        return cls(spec=spec, dims=_dims(config, spec), model_type=model_type, arch=arch)
 
     @classmethod
     def for_model(cls, model: nn.Module, arch: str | None = None) -> ModelLayout:
         """As :meth:`for_config`; an unknown type whose module names match a table is offered that guess."""
         model_type = (getattr(model.config, "text_config", None) or model.config).model_type
         spec = spec_for(model_type, arch, (name for name, _ in model.named_modules()))
-        return cls(spec=spec, dims=_dims(model.config, spec), model_type=model_type)
+        return cls(spec=spec, dims=_dims(model.config, spec), model_type=model_type, arch=arch)
 
     @property
     def n_layers(self) -> int:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bakeedit.errors import BakeeditError, ModelLoadError
+from bakeedit.errors import BakeeditError, ModelLoadError, UnsupportedArchitecture
 from bakeedit.io.shards import read_shard
 from bakeedit.models.arch import ModelLayout, spec_for_model_type
 from bakeedit.models.custom import is_custom_module, read_base_config
@@ -33,6 +33,7 @@ from bakeedit.models.embedded import (
 )
 from bakeedit.models.reference import HUB_ID as _HUB_ID
 from bakeedit.models.reference import ModelSpec
+from bakeedit.models.registry import spec_by_name
 
 _DAMAGED = "the file is damaged or incomplete: download or save the checkpoint again"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -149,7 +150,7 @@ def read_config_json(folder: Path) -> dict[str, Any]:
     return raw
 
 
-def local_layout(folder: Path) -> ModelLayout | None:
+def local_layout(folder: Path, arch: str | None = None) -> ModelLayout | None:
     """The layout of a local checkpoint folder from its config.json alone (no weights), for checks that should
     run before a model loads; ``None`` when it cannot be known that cheaply (no folder, remote code, exotic config).
     A malformed config.json is an error here already."""
@@ -162,7 +163,7 @@ def local_layout(folder: Path) -> ModelLayout | None:
     from transformers import AutoConfig
 
     try:
-        return ModelLayout.for_config(AutoConfig.from_pretrained(folder))
+        return ModelLayout.for_config(AutoConfig.from_pretrained(folder), arch=arch)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, BakeeditError):
         return None  # load_model reports it, with the whole story
 
@@ -220,6 +221,28 @@ def _custom_module_config(path: Path, spec: ModelSpec):
     return read_base_config(path)
 
 
+def check_architecture(config, arch: str | None) -> None:
+    """Refuse an unknown architecture before the weights load. For a ``model_type`` no file names, the model is
+    built on the meta device (no memory) so its module names can be matched against the known tables: the error
+    then offers the matching one as ``model.arch`` (``ModelLayout.for_model`` raises it)."""
+    model_type = (getattr(config, "text_config", None) or config).model_type
+    if arch is not None:
+        spec_by_name(arch, model_type)
+        return
+    try:
+        spec_for_model_type(model_type)
+    except UnsupportedArchitecture as refusal:
+        from transformers import AutoModelForCausalLM  # start-up time: transformers loads when a model does
+
+        try:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError, TypeError):  # transformers has no causal-LM class for it either
+            raise refusal from None
+        ModelLayout.for_model(skeleton)  # raises, offering the table its module names match (if one does)
+        raise
+
+
 def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> LoadedModel:
     """Load the model, its tokenizer (if the folder has one) and its :class:`ModelLayout`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -233,8 +256,7 @@ def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> Load
     except (OSError, ValueError, KeyError, TypeError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelLoadError(f"model.id: cannot read {source.path / 'config.json'}: {first}") from exc
-    model_type = (getattr(config, "text_config", None) or config).model_type
-    spec_for_model_type(model_type)  # fail before loading gigabytes
+    check_architecture(config, spec.arch)  # fail before loading gigabytes
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, config, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
@@ -263,5 +285,6 @@ def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> Load
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelLoadError(f"model.id: cannot read the tokenizer in {source.path}: {first}",
                                  hint=_DAMAGED) from exc
-    layout = ModelLayout.for_config(config) if custom is not None else ModelLayout.for_model(model)
+    layout = (ModelLayout.for_config(config, arch=spec.arch) if custom is not None
+              else ModelLayout.for_model(model, arch=spec.arch))
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, dtype=dtype)

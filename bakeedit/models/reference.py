@@ -63,6 +63,9 @@ class ModelSpec(BaseModel):
     device: str = "auto"
     device_map: str | None = None
     trust_remote_code: StrictBool = False
+    #: The architecture table to use for a ``model_type`` that no architecture file names: a pattern
+    #: (``llama-like``, ``phi-like``) or a family name. bakeedit offers the guess when the modules match.
+    arch: str | None = None
     _hub_only: bool = PrivateAttr(default=False)
 
     @field_validator("device")

@@ -29,12 +29,12 @@ from bakeedit.errors import BakeeditError, RecipeError, VerificationError
 from bakeedit.evaluate.runner import expand_tasks
 from bakeedit.export.card import write_card
 from bakeedit.export.custom_module import write_custom_module
+from bakeedit.export.manifest import check_folder
 from bakeedit.export.provenance import (
     BaseModelInfo,
     Provenance,
     RecipeInfo,
     base_location,
-    check_folder,
     hash_written_files,
     local_ref_for,
     portable_neuron_set,

@@ -15,7 +15,8 @@ from typing import Any
 from bakeedit.edit import EditPlan, build_plan
 from bakeedit.evaluate.report import PLOTS_DIR, REPORT_FILE, RESULTS_FILE, write_results
 from bakeedit.evaluate.runner import EvalRun, evaluate_models, with_runtime_edit
-from bakeedit.export.provenance import PROVENANCE_FILE, check_folder, refresh_manifest
+from bakeedit.export.manifest import check_folder, refresh_manifest
+from bakeedit.export.provenance import PROVENANCE_FILE
 from bakeedit.locate.random import random_like
 from bakeedit.models.load import LoadedModel
 from bakeedit.neurons import NeuronSet

@@ -15,13 +15,8 @@ from huggingface_hub import ModelCard
 
 from bakeedit.cli import main
 from bakeedit.export.card import CARD_FILE, GENERATED_MARKER, HEATMAP_FILE, write_card
-from bakeedit.export.provenance import (
-    check_file_hashes,
-    check_folder,
-    read_provenance,
-    refresh_manifest,
-    write_provenance,
-)
+from bakeedit.export.manifest import check_file_hashes, check_folder, refresh_manifest
+from bakeedit.export.provenance import read_provenance, write_provenance
 from bakeedit.io.hashing import file_sha256
 from bakeedit.workflows.apply_eval import record_evaluation
 

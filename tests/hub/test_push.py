@@ -12,7 +12,7 @@ from hub_clients import bakeedit, check_remote
 
 from bakeedit.cli import main
 from bakeedit.export.hub import PushError, push_folder
-from bakeedit.export.provenance import refresh_manifest
+from bakeedit.export.manifest import refresh_manifest
 
 REPO_ID = "tester/tiny-edit"
 

@@ -178,3 +178,34 @@ def test_a_malformed_family_file_is_one_line_naming_the_file():
     bad = {"name": "broken", "model_types": ["broken"], "pattern": "llama-like", "sites": {"mlp.act": {"module": "x"}}}
     with pytest.raises(UnsupportedArchitecture, match=r"broken.json: sites.mlp.act: give module, axis, size"):
         registry._build(bad, "architectures/broken.json", registry.patterns()["llama-like"])
+
+
+def test_apply_offers_the_matching_pattern_and_bakes_with_it(tmp_path):
+    """OLMo (v1) has no architecture file, but its module names are Llama's: apply refuses with the guess, before
+    any weight loads, and with ``model.arch: llama-like`` bakes, verifies and inspects like a known family."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM, OlmoConfig
+
+    from bakeedit.cli import main
+
+    from tiny_models import _COMMON, tiny_tokenizer
+
+    base = tmp_path / "olmo"
+    AutoModelForCausalLM.from_config(OlmoConfig(**_COMMON)).save_pretrained(base)
+    tiny_tokenizer().save_pretrained(base)
+    neurons = "neurons:\n  - {layer: 0, site: attn.q, index: 3}\n  - {layer: 2, site: mlp.act, index: 7, lambda: 0}\n"
+    guess = tmp_path / "guess.yaml"
+    guess.write_text(f"name: olmo\nmodel: {base}\n{neurons}")
+    refused = CliRunner().invoke(main, ["apply", str(guess), "-o", str(tmp_path / "refused")])
+    assert refused.exit_code == 1, refused.output
+    assert "unsupported architecture 'olmo'" in refused.stderr and "arch: llama-like" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+
+    told = tmp_path / "told.yaml"
+    told.write_text(f"name: olmo\nmodel: {{id: {base}, arch: llama-like}}\n{neurons}")
+    out = tmp_path / "out"
+    baked = CliRunner().invoke(main, ["apply", str(told), "-o", str(out)])
+    assert baked.exit_code == 0, baked.output
+    assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
+    shown = CliRunner().invoke(main, ["inspect", str(out), "--neurons"])
+    assert shown.exit_code == 0 and "mlp.act" in shown.stderr

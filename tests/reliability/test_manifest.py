@@ -244,13 +244,13 @@ def test_a_folder_baked_for_another_device_is_verified_on_this_one(tmp_path, mon
     from baked_folders import bake
     from reliability_harness import run_cli
 
-    import bakeedit.export.provenance as provenance_module
     import bakeedit.workflows.apply as pipeline
+    from bakeedit.export.manifest import check_folder
 
     folder = bake(tmp_path)
-    prov = provenance_module.check_folder(folder)
+    prov = check_folder(folder)
     prov.recipe.data["model"]["device"] = "cuda:1"  # as a GPU machine records it (the record itself is intact)
-    monkeypatch.setattr(provenance_module, "check_folder", lambda _folder: prov)
+    monkeypatch.setattr(pipeline, "check_folder", lambda _folder: prov)
     seen = {}
     real = pipeline.load_model
     monkeypatch.setattr(pipeline, "load_model", lambda spec: seen.setdefault("device", spec.device) and real(spec))

@@ -26,7 +26,8 @@ from reliability_harness import (
     snapshot,
 )
 
-from bakeedit.export.provenance import check_file_hashes, read_provenance
+from bakeedit.export.manifest import check_file_hashes
+from bakeedit.export.provenance import read_provenance
 from bakeedit.io import ownership, staging, temporaries
 
 

@@ -18,7 +18,7 @@ import pytest
 from baked_folders import NONLINEAR, bake
 from reliability_harness import assert_one_clear_line, run_cli, snapshot
 
-from bakeedit.export.provenance import check_folder, refresh_manifest
+from bakeedit.export.manifest import check_folder, refresh_manifest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "hub"))
 from hub_double import HubDouble
