@@ -29,6 +29,7 @@ from reliability_harness import (
 from bakeedit.export.manifest import check_file_hashes
 from bakeedit.export.provenance import read_provenance
 from bakeedit.io import ownership, staging, temporaries
+from bakeedit.models.embedded import cache_root
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,8 @@ PROTECTED = [
     ("home", "apply", lambda ws: str(ws.recipe), lambda ws: str(ws.home), ["--overwrite"], "is your home folder"),
     ("above-home", "apply", lambda ws: str(ws.recipe), lambda ws: str(ws.root), ["--overwrite"], "contains"),
     ("root", "apply", lambda ws: str(ws.recipe), lambda ws: "/", ["--overwrite"], "is the root folder"),
+    ("inside-cache", "apply", lambda ws: str(ws.recipe), lambda ws: str(cache_root() / "edited"), [],
+     "is inside bakeedit's cache"),
     ("sweep-recipe-folder", "sweep", lambda ws: str(ws.recipe), lambda ws: str(ws.recipes),
      ["--overwrite", "--lambda", "0,1", "--tasks", "bias"], "is the recipe's folder"),
     ("sweep-dot", "sweep", lambda ws: str(ws.recipe), lambda ws: ".", ["--lambda", "0,1", "--tasks", "bias"],
