@@ -49,7 +49,10 @@ def apply_command(recipe: Path, out: Path, overwrite: bool, no_eval: bool, eval_
     table.add_row("neurons", f"{prov.plan.n_neurons} ({prov.neurons.method})")
     table.add_row("edit", "; ".join(prov.plan.describe()))
     table.add_row("verification", f"{'passed' if ver.passed else 'FAILED'}: max |delta logit| "
-                  f"{ver.max_abs_logit_delta:.2e} <= {ver.tolerance:.1e} ({ver.dtype}, {ver.n_tokens} tokens)")
+                  f"{ver.max_abs_logit_delta:.2e} <= {ver.tolerance:.1e} ({ver.dtype}, {ver.n_tokens} tokens); "
+                  f"edit effect {ver.edit_effect or 0:.2e} (power: {ver.power}); exact leg: {ver.exact}")
+    for note in ver.notes:
+        table.add_row("", note)
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings_s.items()))
     if prov.evaluation:
         table.add_row("evaluation", f"{', '.join(prov.evaluation['labels'])} on {', '.join(prov.evaluation['tasks'])}"

@@ -45,7 +45,7 @@ def _control(neurons_file: Path, base: Any, model_ref: str, control_lambda: floa
                 hint="pass --control-lambda, or point MODEL at a bakeedit apply folder (its recipe gives the edit)",
             )
         edit = EditSpec.model_validate(prov.recipe.data["edit"])
-    model, plan = control_model(base, neuron_set, edit, str(neurons_file))
+    model, plan, _ = control_model(base, neuron_set, edit, str(neurons_file))
     return model, (f"baseline + runtime edit of {plan.n_neurons} {neuron_set.method} neurons from {neurons_file} "
                   f"({'; '.join(plan.describe())})")
 

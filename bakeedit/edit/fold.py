@@ -110,9 +110,28 @@ def _shared_parameter_names(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
+def _refuse_offloaded(model: nn.Module) -> None:
+    """An accelerate-offloaded model (``device_map`` with ``"disk"``, ``cpu_offload``) keeps its weights on the meta
+    device and loads them per forward pass: a fold would write into nothing, and every meta tensor has the same
+    ``data_ptr()``, so the aliasing check would be meaningless too."""
+    offloaded = [name for name, param in model.named_parameters() if param.device.type == "meta"]
+    disk = [name for name, where in (getattr(model, "hf_device_map", None) or {}).items() if where == "disk"]
+    if offloaded or disk:
+        where = f"{len(offloaded)} parameter(s) on the meta device, e.g. {offloaded[0]}" if offloaded else (
+            f"{len(disk)} module(s) offloaded to disk, e.g. {disk[0]}")
+        raise EditError(
+            f"cannot fold into an offloaded model ({where}): use the streaming bake (bakeedit apply without "
+            "--in-memory, or bakeedit.export.stream)",
+            hint="the streaming bake reads and writes the checkpoint tensor by tensor, without loading the model",
+        )
+
+
 @torch.no_grad()
 def fold_plan(model: nn.Module, layout: ModelLayout, plan: EditPlan) -> list[FoldedTensor]:
-    """Bake ``plan`` into ``model``'s weights in place; returns what was changed, for provenance."""
+    """Bake ``plan`` into ``model``'s weights in place; returns what was changed, for provenance.
+
+    Refuses an offloaded model (:func:`_refuse_offloaded`): its weights are not where the fold writes."""
+    _refuse_offloaded(model)
     shared = _shared_parameter_names(model)
     folded: list[FoldedTensor] = []
     for group in plan.groups:

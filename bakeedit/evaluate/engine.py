@@ -12,6 +12,11 @@ row per context holding all its options, separated by a 4D attention mask), ``"k
 expanded to the options) or ``"flat"`` (lm-evaluation-harness's one row per request). Position ids are always passed
 explicitly, so padding never shifts positions.
 
+A model carrying a ``positions: last`` module edit (runtime hooks or a saved custom module; docs/nonlinear.md
+"Scoring with position-scoped edits") is scored with ``flat`` by default, the one mode that reproduces the edit: the
+other two are refused with an :class:`~bakeedit.errors.EditError`. Edits at all positions (``start`` included) are
+exact in every mode.
+
 :meth:`Scorer.loglikelihood_reference` is the straightforward per-example loop (batch 1, no sharing), kept as the
 ground truth for tests and for ``bench/eval_engine.py``.
 """
@@ -24,6 +29,8 @@ from typing import Any, Literal
 
 import torch
 
+from bakeedit.edit.nonlinear import attached_positions
+from bakeedit.errors import EditError
 from bakeedit.evaluate import strategies
 from bakeedit.evaluate.batching import LLResult, TokenRequest, gather_continuation_logprobs
 from bakeedit.evaluate.generation import greedy_generate
@@ -31,6 +38,13 @@ from bakeedit.evaluate.generation import greedy_generate
 ProgressFn = Callable[[str, int, int], None]  # (description, done, total), called after each batch
 DEFAULT_MAX_LENGTH = 2048
 MODES = ("packed", "kv", "flat")
+#: Why a mode cannot reproduce a ``positions: last`` edit, which reaches the last real token of each scored sequence.
+LAST_POSITION_LIMITS = {
+    "packed": "a packed row shares its context's last token between the one-token options, whose sequence ends "
+              "there (edited), and the longer ones, whose sequence goes on (not edited)",
+    "kv": "the context minus its last token runs into the KV cache in a forward pass of its own, whose last token "
+          "would be edited as if the sequence ended there",
+}
 
 
 class Scorer:
@@ -39,7 +53,8 @@ class Scorer:
     ``batch_size`` bounds the requests (options) scored by one forward pass; ``max_length`` the tokens of one
     sequence (longer inputs lose their oldest context tokens, as in lm-eval); ``progress(description, done, total)``
     is called after each batch; ``add_bos_token`` prepends BOS to every context (default: when the tokenizer itself
-    adds one).
+    adds one). ``mode`` (see the module docstring) defaults to ``packed``, or ``flat`` for a model with a
+    ``positions: last`` module edit.
     """
 
     def __init__(
@@ -49,10 +64,10 @@ class Scorer:
         batch_size: int = 32,
         max_length: int | None = None,
         progress: ProgressFn | None = None,
-        mode: Literal["packed", "kv", "flat"] = "packed",
+        mode: Literal["packed", "kv", "flat"] | None = None,
         add_bos_token: bool | None = None,
     ) -> None:
-        if mode not in MODES:
+        if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -61,7 +76,8 @@ class Scorer:
         model_max = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
         self.max_length = int(max_length or min(model_max, DEFAULT_MAX_LENGTH))
         self.progress = progress
-        self.mode = mode
+        self.mode: str = mode or ("flat" if "last" in attached_positions(model) else "packed")
+        self._check_mode()
         self.device = next(model.parameters()).device
         bos = tokenizer.bos_token_id
         self.prefix_token_id: int = bos if bos is not None else tokenizer.eos_token_id
@@ -168,6 +184,7 @@ class Scorer:
 
     def score_tokens(self, requests: Sequence[TokenRequest]) -> list[LLResult]:
         """Score already tokenized requests with the scorer's batched strategy."""
+        self._check_mode()  # a runtime edit may have been hooked in after the scorer was made
         with torch.inference_mode():
             if self.mode == "packed":
                 return strategies.score_packed(self, requests)
@@ -278,6 +295,17 @@ class Scorer:
         if cache is None or not hasattr(cache, "batch_select_indices"):
             raise RuntimeError("the model returned no expandable KV cache; use Scorer(mode='packed') or mode='flat'")
         return cache
+
+    def _check_mode(self) -> None:
+        """Refuse a batching mode that would score a ``positions: last`` edit at the wrong tokens (docs/nonlinear.md):
+        an evaluation that silently differs from the per-example computation is worse than none."""
+        if self.mode in LAST_POSITION_LIMITS and "last" in attached_positions(self.model):
+            raise EditError(
+                f"Scorer(mode={self.mode!r}) cannot score a model with a 'positions: last' edit exactly: "
+                f"{LAST_POSITION_LIMITS[self.mode]}",
+                hint="use Scorer(mode='flat') (the default for such a model): one row per request, whose last real "
+                     "token is the one the edit reaches",
+            )
 
     def _report(self, description: str, done: int, total: int) -> None:
         if self.progress is not None:

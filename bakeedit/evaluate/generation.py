@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from bakeedit.edit.nonlinear import attached_positions
 from bakeedit.evaluate.batching import left_pad
 
 if TYPE_CHECKING:
@@ -55,7 +56,10 @@ def _prefill(scorer: Scorer, prompts: list[list[int]]) -> tuple[object, torch.Te
     dev = scorer.device
     n_common = _common_prefix_len(prompts) if len(prompts) > 1 else 0
     window = scorer.sliding_window
-    if n_common < MIN_SHARED_PREFIX or (window is not None and max(map(len, prompts)) > window // 2):
+    # A `positions: last` edit lands on the last token of each forward call: a prefix run as its own call would be
+    # edited at its last token, which one prompt alone never is. Such models prefill each prompt whole.
+    last_scoped = "last" in attached_positions(scorer.model)
+    if last_scoped or n_common < MIN_SHARED_PREFIX or (window is not None and max(map(len, prompts)) > window // 2):
         ids, mask = left_pad(prompts, scorer.pad_token_id, dev)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         res = scorer._forward(ids, mask, positions, use_cache=True, logits_to_keep=1)

@@ -2,9 +2,11 @@
 
 results.json holds the full :class:`TaskResult` of every task for every model label (``base``, ``edited``,
 ``control``, ...) and a flat ``rows`` table (model, task, metric, group, value, stderr, n, data source and sha256,
-limit, seed) for pandas. report.md shows, per task and metric, each model's value with its bootstrap standard error,
-the difference from ``base`` and whether it moved toward the metric's ideal, then per-category tables of every bias
-task's headline metric with their plots, the capability-delta plot, and where every number's data came from.
+limit, seed), the per-item scores of every task (``items`` of each result) and the paired comparisons (``paired``).
+report.md shows, per task and metric, each model's value with its cluster-bootstrap standard error, the paired
+differences (edited - base, edited - control, with paired standard errors) and a verdict: whether the edit beats the
+random control (:mod:`bakeedit.evaluate.compare`); then per-category tables of every bias task's headline metric
+with their plots, the capability-delta plot, and where every number's data came from.
 """
 
 from __future__ import annotations
@@ -18,6 +20,15 @@ from typing import Any
 
 from bakeedit import __version__
 from bakeedit.errors import DataError
+from bakeedit.evaluate.compare import (
+    Difference,
+    compare_run,
+    comparison_pairs,
+    comparison_rows,
+    ideal_of,
+    verdict,
+    verdict_pair,
+)
 from bakeedit.evaluate.plots import plot_categories, plot_deltas, plot_scores
 from bakeedit.evaluate.runner import EvalRun
 from bakeedit.evaluate.tasks.base import MetricValue, TaskResult
@@ -30,7 +41,7 @@ LABEL_ORDER = ("base", "edited", "control")
 # Headline metric of each bias task (per-category tables and plots); other tasks use the first of FALLBACK_PRIMARY
 # they have, else their first metric.
 PRIMARY = {
-    "crows_pairs": "pct_stereotype",
+    "crows_pairs": "stereotype_dev",
     "stereoset_intrasentence": "ss",
     "stereoset_intersentence": "ss",
     "bbq": "bias_ambig",
@@ -45,12 +56,27 @@ FALLBACK_PRIMARY = ("acc", "acc_norm", "exact_match", "perplexity", "word_perple
 SHARE_METRICS = ("acc", "acc_norm", "exact_match")
 CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "openbookqa": 0.25, "copa": 0.5, "piqa": 0.5, "hellaswag": 0.25,
           "winogrande": 0.5, "mmlu": 0.25, "gsm8k": 0.0}
-# The unbiased value of bias metrics (used for the "toward ideal" column and the dashed line of the plots).
-IDEAL = {
-    "pct_stereotype": 50.0, "ss": 50.0, "lms": 100.0, "icat": 100.0, "bias_ambig": 0.0, "bias_disambig": 0.0,
-    "gap": 0.0, "abs_gap": 0.0, "ll_gap": 0.0, "likelihood_diff": 0.0, "r_bls": 0.0, "entropy_deficit": 0.0,
-    "entropy_difference": 0.0, "female_share": 0.5, "success_rate": 1.0, "stereotype_rate": 0.0,
+#: What a metric's name does not say (shown beside it in the report and the card).
+METRIC_NOTES = {
+    ("crows_pairs", "stereotype_dev"): "distance of pct_stereotype from 50, whole sentence",
+    ("crows_pairs", "pct_stereotype"): "whole sentence, lm-eval",
+    ("crows_pairs", "ll_gap"): "whole sentence, lm-eval",
+    ("crows_pairs", "likelihood_diff"): "whole sentence, lm-eval",
+    ("crows_pairs", "stereotype_dev_shared"): "distance of pct_stereotype_shared from 50, shared tokens, Nangia et al.",
+    ("crows_pairs", "pct_stereotype_shared"): "shared tokens, Nangia et al.",
+    ("crows_pairs", "ll_gap_shared"): "shared tokens, Nangia et al.",
+    ("bbq", "bias_ambig_mean"): "mean over categories",
+    ("bbq", "bias_disambig_mean"): "mean over categories",
 }
+
+
+def metric_label(task: str, metric: str) -> str:
+    """The metric column: its name, with what the name does not say (``pct_stereotype (whole sentence, lm-eval)``;
+    a BBQ ``_norm`` metric is length-normalised)."""
+    note = METRIC_NOTES.get((task, metric))
+    if note is None and task == "bbq" and metric.endswith("_norm"):
+        note = "length-normalised"
+    return f"{metric} ({note})" if note else metric
 
 
 def primary_metric(result: TaskResult) -> str:
@@ -64,10 +90,6 @@ def ordered_labels(labels: Any) -> list[str]:
     """base, edited, control first, then any other label in the given order."""
     labels = list(labels)
     return [lab for lab in LABEL_ORDER if lab in labels] + [lab for lab in labels if lab not in LABEL_ORDER]
-
-
-def ideal_of(result: TaskResult, metric: str) -> float | None:
-    return IDEAL.get(metric) if result.kind == "bias" else None
 
 
 def improved(metric: MetricValue, base: MetricValue, ideal: float | None) -> bool | None:
@@ -96,6 +118,14 @@ def fmt(value: float | None, stderr: float | None = None, signed: bool = False, 
     return text
 
 
+def delta_cell(d: Difference | None, ref: float | None = None) -> str:
+    """``+1.2 ± 0.3`` of a difference (``†`` marks one whose ± combines two errors as if independent: results
+    without per-item scores)."""
+    if d is None or not math.isfinite(d.delta):
+        return "—"
+    return fmt(d.delta, d.se, signed=True, ref=ref) + ("" if d.paired is not None else " †")
+
+
 def _delta(m: MetricValue, base: MetricValue) -> tuple[float, float | None]:
     ses = [s for s in (m.stderr, base.stderr) if s is not None and math.isfinite(s)]
     return m.value - base.value, (math.sqrt(sum(s * s for s in ses)) if len(ses) == 2 else None)
@@ -121,7 +151,8 @@ def results_rows(run: EvalRun) -> list[dict[str, Any]]:
     return rows
 
 
-def run_to_json(run: EvalRun) -> dict[str, Any]:
+def run_to_json(run: EvalRun, comparisons: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    comparisons = compare_run(run) if comparisons is None else comparisons
     return {
         "format_version": 1,
         "bakeedit_version": __version__,
@@ -132,6 +163,7 @@ def run_to_json(run: EvalRun) -> dict[str, Any]:
         "timings_s": run.timings_s,
         "results": {label: [r.to_json() for r in results] for label, results in run.results.items()},
         "rows": results_rows(run),
+        "paired": comparison_rows(comparisons),
     }
 
 
@@ -161,35 +193,28 @@ def _by_task(run: EvalRun) -> dict[str, dict[str, TaskResult]]:
     return out
 
 
-def _metric_table(tasks: Mapping[str, Mapping[str, TaskResult]], labels: list[str]) -> list[str]:
-    others = [lab for lab in labels if lab != "base"]
-    has_base = "base" in labels and bool(others)
-    head = ["task", "metric", "ideal", *labels]
-    if has_base:
-        head += [f"Δ {lab}" for lab in others] + [f"better ({', '.join(others)})"]
+def _metric_table(tasks: Mapping[str, Mapping[str, TaskResult]], labels: list[str],
+                  comparisons: Mapping[str, Any]) -> list[str]:
+    pairs = comparison_pairs(labels)
+    judged = verdict_pair(labels)
+    head = ["task", "metric", "ideal", *labels, *[f"{a} − {b}" for a, b in pairs]]
+    if judged is not None and pairs:
+        head.append(f"verdict ({judged[0]} vs {judged[1]})")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, by_label in tasks.items():
         first = next(iter(by_label.values()))
+        diffs = comparisons.get(task, {})
         for name in first.metrics:
             ideal = ideal_of(first, name)
-            cells = [task, name, "—" if ideal is None else f"{ideal:g}"]
+            cells = [task, metric_label(task, name), "—" if ideal is None else f"{ideal:g}"]
             for lab in labels:
                 m = by_label[lab].metrics.get(name) if lab in by_label else None
                 cells.append(fmt(m.value, m.stderr) if m else "—")
-            if has_base:
-                base = by_label["base"].metrics.get(name) if "base" in by_label else None
-                marks = []
-                for lab in others:
-                    m = by_label[lab].metrics.get(name) if lab in by_label else None
-                    if m is None or base is None:
-                        cells.append("—")
-                        marks.append("")
-                        continue
-                    d, se = _delta(m, base)
-                    cells.append(fmt(d, se, signed=True, ref=base.value))
-                    better = improved(m, base, ideal)
-                    marks.append({True: "yes", False: "no", None: "·"}[better])
-                cells.append(" / ".join(marks))
+            for a, b in pairs:
+                ref = by_label[b].metrics.get(name) if b in by_label else None
+                cells.append(delta_cell(diffs.get((a, b), {}).get(name), ref.value if ref else None))
+            if judged is not None and pairs:
+                cells.append(verdict(diffs.get(judged, {}).get(name), judged[1]))
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -212,10 +237,42 @@ def _category_table(by_label: Mapping[str, TaskResult], metric: str, labels: lis
     return lines
 
 
-def render_report(run: EvalRun, plots: Mapping[str, str] | None = None) -> str:
+def _disturbance_section(run: EvalRun, tasks: Mapping[str, Mapping[str, TaskResult]], labels: list[str]) -> list[str]:
+    """How much each edited model disturbs the base (mean KL on neutral text, recorded by apply as ``kl``), and each
+    task's headline change per unit of it: an edit that moves bias only as far as its disturbance moves everything
+    is no debiasing (``workflows/matched_control.py``)."""
+    kl = {lab: run.models.get(lab, {}).get("kl") for lab in labels if lab != "base"}
+    kl = {lab: v for lab, v in kl.items() if isinstance(v, int | float) and v > 0}
+    if not kl:
+        return []
+    out = ["", "## Disturbance", "",
+           "Mean KL divergence from the base model's next-token distributions on neutral text (nats per token; "
+           "`bakeedit/data/neutral_text.txt`), and each task's headline change from base per unit of it.", "",
+           "| task | metric | " + " | ".join(f"Δ {lab} / KL" for lab in kl) + " |",
+           "|---|---|" + "---|" * len(kl),
+           "| (KL) | | " + " | ".join(f"{v:.3g}" for v in kl.values()) + " |"]
+    for task, by_label in tasks.items():
+        base = by_label.get("base")
+        if base is None:
+            continue
+        metric = primary_metric(base)
+        cells = []
+        for lab, v in kl.items():
+            r = by_label.get(lab)
+            a, b = (r.metrics.get(metric) if r else None), base.metrics.get(metric)
+            ok = a is not None and b is not None and a.value is not None and b.value is not None
+            cells.append(f"{(a.value - b.value) / v:+.3g}" if ok else "—")
+        out.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return out
+
+
+def render_report(run: EvalRun, plots: Mapping[str, str] | None = None,
+                  comparisons: Mapping[str, Any] | None = None) -> str:
     """The markdown report; ``plots`` maps a plot key (task name, or ``capability_deltas`` / ``bias_deltas``) to
-    its path relative to the report."""
+    its path relative to the report; ``comparisons`` from :func:`~bakeedit.evaluate.compare.compare_run`
+    (computed when not given)."""
     plots = plots or {}
+    comparisons = compare_run(run) if comparisons is None else comparisons
     labels = ordered_labels(run.results)
     tasks = _by_task(run)
     cfg = run.config
@@ -229,15 +286,19 @@ def render_report(run: EvalRun, plots: Mapping[str, str] | None = None) -> str:
     out.append(f"Tasks: {', '.join(tasks) or 'none'}. "
                + (f"Each task scored on a seeded sample of at most {limit} items (seed {cfg.get('seed', 0)}); "
                   if limit else "All items of each task; ")
-               + "values are `mean ± bootstrap standard error` over items."
-               + (" Δ = model − base, its ± combines both errors as if independent (the items are paired, so it is "
-                  "conservative); 'better': closer to the unbiased value (bias metrics with an ideal) or moved in "
-                  "the metric's direction (· = no direction)." if "base" in labels and len(labels) > 1 else ""))
+               + "values are `value ± bootstrap standard error`, resampling clusters of related items (BBQ "
+                 "templates, StereoSet targets, WinoGender occupations, gender-word words; other items alone)."
+               + (" Differences `a − b` are paired: every model scored the same items, and the ± and the p-values "
+                  "come from one cluster bootstrap of both models (1000 resamples; † marks an unpaired difference "
+                  "of results without per-item scores). The verdict says whether the edit is better than the "
+                  "reference, closer to the unbiased value (bias metrics with an ideal) or moved in the metric's "
+                  "direction, with the two-sided bootstrap p-value of that gain; 'no better' at p ≥ 0.05."
+                  if comparison_pairs(labels) else ""))
     for kind, title in (("bias", "Bias"), ("capability", "Capability")):
         sub = {t: b for t, b in tasks.items() if next(iter(b.values())).kind == kind}
         if not sub:
             continue
-        out += ["", f"## {title}", "", *_metric_table(sub, labels)]
+        out += ["", f"## {title}", "", *_metric_table(sub, labels, comparisons)]
         if kind == "capability" and "capability" in plots:
             out += ["", f"![capability scores]({plots['capability']})"]
         if kind == "capability" and "capability_deltas" in plots:
@@ -245,6 +306,7 @@ def render_report(run: EvalRun, plots: Mapping[str, str] | None = None) -> str:
         if kind == "bias" and "bias_deltas" in plots:
             out += ["", f"![bias deltas]({plots['bias_deltas']})"]
     bias_tasks = {t: b for t, b in tasks.items() if next(iter(b.values())).kind == "bias"}
+    out += _disturbance_section(run, tasks, labels)
     if bias_tasks:
         out += ["", "## Bias per category"]
         for task, by_label in bias_tasks.items():
@@ -313,8 +375,9 @@ def write_results(folder: Path, run: EvalRun | Mapping[str, list[TaskResult]], p
         run = EvalRun(dict(run))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / RESULTS_FILE).write_text(json.dumps(run_to_json(run), indent=1) + "\n")
+    comparisons = compare_run(run)
+    (folder / RESULTS_FILE).write_text(json.dumps(run_to_json(run, comparisons), indent=1) + "\n")
     written = write_plots(folder, run) if plots else {}
     report = folder / REPORT_FILE
-    report.write_text(render_report(run, written))
+    report.write_text(render_report(run, written, comparisons))
     return report

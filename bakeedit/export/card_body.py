@@ -1,17 +1,18 @@
 """The markdown body of the model card: one function per section, each reading only the card's context.
 
 Section headings are stable (a golden-file test pins them); numbers come from ``bakeedit.json`` and
-``eval/results.json`` and are formatted like ``eval/report.md`` (``mean ± bootstrap standard error``).
+``eval/results.json`` and are formatted like ``eval/report.md`` (``value ± bootstrap standard error``; differences
+paired, with the verdict of the edit against the random control: :mod:`bakeedit.evaluate.compare`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 
-from bakeedit.evaluate.report import fmt, ideal_of, ordered_labels
+from bakeedit.evaluate.compare import compare_run, comparison_pairs, verdict, verdict_pair
+from bakeedit.evaluate.report import delta_cell, fmt, ideal_of, metric_label, ordered_labels
 from bakeedit.export.card_context import CARD_FILE, EVAL_DIR, GENERATED_MARKER, CardContext
 from bakeedit.models.arch import SITES
 
@@ -155,30 +156,29 @@ def verification(ctx: CardContext) -> list[str]:
             "what the evaluation below measures."]
 
 
-def _metric_rows(ctx: CardContext, kind: str, labels: list[str]) -> list[str]:
+def _metric_rows(ctx: CardContext, kind: str, labels: list[str], comparisons: dict) -> list[str]:
     by_task: dict[str, dict] = {}
     for label in labels:
         for r in ctx.run.results[label]:
             if r.kind == kind:
                 by_task.setdefault(r.task, {})[label] = r
-    others = [lab for lab in labels if lab != "base"]
-    head = ["task", "metric", "ideal", *labels, *[f"Δ {lab}" for lab in others if "base" in labels], "n"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pairs = comparison_pairs(labels)
+    judged = verdict_pair(labels) if pairs else None
+    head = ["task", "metric", "ideal", *labels, *[f"{a} − {b}" for a, b in pairs]]
+    head += [f"verdict ({judged[0]} vs {judged[1]})"] if judged else []
+    rows = ["| " + " | ".join([*head, "n"]) + " |", "|" + "---|" * (len(head) + 1)]
     for task, results in by_task.items():
         first = next(iter(results.values()))
+        diffs = comparisons.get(task, {})
         for name in first.metrics:
             ideal = ideal_of(first, name)
             values = {lab: results[lab].metrics.get(name) if lab in results else None for lab in labels}
-            cells = [task, name, "—" if ideal is None else f"{ideal:g}"]
+            cells = [task, metric_label(task, name), "—" if ideal is None else f"{ideal:g}"]
             cells += [_fmt(m.value, m.stderr) if m else "—" for m in values.values()]
-            base = values.get("base")
-            for lab in others if "base" in labels else []:
-                m = values[lab]
-                if m is None or base is None:
-                    cells.append("—")
-                    continue
-                errors = [s for s in (m.stderr, base.stderr) if s is not None and math.isfinite(s)]
-                cells.append(_fmt(m.value - base.value, math.hypot(*errors) if len(errors) == 2 else None, True))
+            for a, b in pairs:
+                cells.append(delta_cell(diffs.get((a, b), {}).get(name)))
+            if judged:
+                cells.append(verdict(diffs.get(judged, {}).get(name), judged[1]))
             cells.append(str(max((m.n for m in values.values() if m), default=0)))
             rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return rows if len(rows) > 2 else []
@@ -197,12 +197,17 @@ def evaluation(ctx: CardContext) -> list[str]:
     lines += ["Models: " + "; ".join(described) + ".",
               "", ("Each task was scored on a seeded sample of at most "
                    f"{limit} items (seed {ctx.run.config.get('seed', 0)}); " if limit else "Each task used all its "
-                   "items; ") + "values are `mean ± bootstrap standard error`, n is the number of items, Δ is the "
-              "difference from base (± combines both errors as if independent; the items are paired, so it is "
-              "conservative). The full report, per category, is in "
-              f"[`{EVAL_DIR}/report.md`]({EVAL_DIR}/report.md)."]
+                   "items; ") + "values are `value ± bootstrap standard error` (clusters of related items resampled "
+              "together), n is the number of items. `a − b` columns are paired differences: every model scored "
+              "the same items, and their ± and p-values come from one cluster bootstrap of both models († marks "
+              "an unpaired difference of results without per-item scores). The verdict says whether the edit is "
+              "better than the random-neuron control (closer to the unbiased value, or moved in the metric's "
+              "direction), with the two-sided p-value of that gain; editing any neurons may move a score, so "
+              "only a metric that beats the control is evidence for these neurons. The full report, per "
+              f"category, is in [`{EVAL_DIR}/report.md`]({EVAL_DIR}/report.md)."]
+    comparisons = compare_run(ctx.run)
     for kind, title in (("bias", "Bias"), ("capability", "Capability")):
-        rows = _metric_rows(ctx, kind, labels)
+        rows = _metric_rows(ctx, kind, labels, comparisons)
         lines += ["", f"### {title}", ""]
         lines += rows or [f"No {kind} task was run: this card has no evidence about the edit's "
                           f"{'effect on bias' if kind == 'bias' else 'cost to general ability'}."]

@@ -101,10 +101,24 @@ def _rewrite_config(folder: Path, base_model_type: str) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def check_module_supported(layout: ModelLayout, plan: EditPlan) -> None:
+    """Refuse, before any work, a plan whose nonlinear or position-scoped part would need a custom module that
+    cannot load: a mixture-of-experts family stores its experts per expert on disk, and transformers fuses them on
+    load only for its own ``model_type`` (its weight conversion is keyed by it), so under ``bakeedit_<type>`` the
+    experts would load uninitialised."""
+    if plan.module_groups and layout.spec.expert_sites:
+        raise EditError(
+            f"nonlinear or position-scoped edits of a {layout.spec.name} model (mixture of experts) cannot be saved "
+            "as a custom module: transformers would not load its experts under the module's own model_type",
+            hint="use linear all-position edits (they are folded into the weights), or leave positions: all",
+        )
+
+
 def write_custom_module(folder: Path, model: nn.Module, layout: ModelLayout, plan: EditPlan) -> CustomModuleInfo:
     """Add the module, the edit file and the config entries to a checkpoint already saved in ``folder``."""
     if not plan.module_groups:
         raise EditError("the plan has no nonlinear or position-scoped part; a plain folded checkpoint needs no module")
+    check_module_supported(layout, plan)
     folder = Path(folder)
     base_type = layout.model_type
     if base_type.startswith(MODEL_TYPE_PREFIX):

@@ -12,11 +12,13 @@ the same folder or Hub repository and hooks the projections it lists, so that th
     sigmoid_gain  a * (1 + alpha * sigmoid(beta * (|a| - theta)))
     power         sign(a) * |a| ** p
 
-computed in float32 with one parameter value per channel, at every position whose token index is at least
-``start`` (``positions: all``) or only at the last position of each forward call (``positions: last``; under
-``generate()`` with the KV cache, the last prompt token and then each new token). The token index counts cached
-tokens. To audit the edit: ``safe_open(path, "pt").metadata()["bakeedit"]`` is a JSON list of the groups, and the
-tensors ``{i}.channels`` and ``{i}.{parameter}`` hold each group's channels and parameter values.
+computed in float32 with one parameter value per channel, at every real token whose index is at least ``start``
+(``positions: all``) or only at the last real token of each sequence (``positions: last``; under ``generate()`` with
+the KV cache, each row's last prompt token and then each new token). A token's index is its place among the real
+tokens of its row (its position id, else counted from the attention mask, cached tokens included); a sequence ends
+before padding, at the end of the row, or where the next position id does not follow on. To audit the edit:
+``safe_open(path, "pt").metadata()["bakeedit"]`` is a JSON list of the groups, and the tensors ``{i}.channels`` and
+``{i}.{parameter}`` hold each group's channels and parameter values.
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ class BakeeditForCausalLM(LlamaForCausalLM):
             self._bakeedit_meta = json.loads(f.metadata()["bakeedit"])
             names = f.keys()
             self._bakeedit_tensors = {name: f.get_tensor(name) for name in names}
-        self._bakeedit_offset = 0
-        self._bakeedit_handles = [self.base_model.register_forward_pre_hook(self._count_cached, with_kwargs=True)]
+        self.bakeedit_positions = frozenset(group["positions"] for group in self._bakeedit_meta["groups"])
+        self._bakeedit_call = (0, None, None, {}, None)
+        self._bakeedit_handles = [self.base_model.register_forward_pre_hook(self._read_call, with_kwargs=True)]
         for i, group in enumerate(self._bakeedit_meta["groups"]):
             edit = self._group_edit(i, group)
             module = self.get_submodule(group["module"])
@@ -77,10 +80,33 @@ class BakeeditForCausalLM(LlamaForCausalLM):
                 handle = module.register_forward_pre_hook(lambda _mod, args, edit=edit: (edit(args[0]), *args[1:]))
             self._bakeedit_handles.append(handle)
 
-    def _count_cached(self, _module, _args, kwargs):
-        # The token index of this call's first position is the number of tokens already in the cache.
+    def _read_call(self, _module, args, kwargs):
+        # Which tokens an edit reaches depends on the whole call: its cache length, attention mask and position ids.
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        self._bakeedit_offset = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+        shape = tuple(tokens.shape[:2]) if torch.is_tensor(tokens) else None  # for [batch * seq, channels] sites
+        self._bakeedit_call = (past, kwargs.get("attention_mask"), kwargs.get("position_ids"), {}, shape)
+
+    def _positions(self, x):
+        """Per token of this call: its index among its row's real tokens, and whether it is its sequence's last."""
+        past, mask, pos, memo, shape = self._bakeedit_call
+        flat = x.dim() == 2 and shape is not None and x.shape[0] == shape[0] * shape[1]
+        batch, seq, device = *(shape if flat else x.shape[:2]), x.device
+        if (batch, seq, device) not in memo:
+            real = torch.ones(batch, seq, dtype=torch.bool, device=device)
+            index = (past + torch.arange(seq, device=device)).expand(batch, seq)
+            if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[1] in (seq, past + seq):  # not a 4D mask
+                counted = mask.to(device=device, dtype=torch.long).expand(batch, -1)
+                real = counted[:, -seq:].bool()
+                index = counted.cumsum(1)[:, -seq:] - 1 + (past if counted.shape[1] == seq else 0)
+            if torch.is_tensor(pos) and pos.dim() == 2 and pos.shape[1] == seq and pos.shape[0] in (1, batch):
+                index = pos.to(device=device, dtype=torch.long).expand(batch, seq)
+            ends = torch.cat([~real[:, 1:] | (index[:, 1:] != index[:, :-1] + 1), torch.ones_like(real[:, :1])], 1)
+            memo[(batch, seq, device)] = index, real & ends
+        index, last = memo[(batch, seq, device)]
+        return (index.reshape(-1), last.reshape(-1)) if flat else (index, last)
 
     def _group_edit(self, i, group):
         channels = self._bakeedit_tensors[f"{i}.channels"]
@@ -89,16 +115,15 @@ class BakeeditForCausalLM(LlamaForCausalLM):
         on_device = {}  # the channels and parameters, copied once to each device the projection runs on
 
         def edit(x):
-            seq = x.shape[-2]
-            first = seq - 1 if group["positions"] == "last" else 0
-            first = min(seq, max(first, group["start"] - self._bakeedit_offset))
-            if first == seq:
+            index, last = self._positions(x)
+            chosen = (index >= group["start"]) & (last | (group["positions"] == "all"))
+            if not chosen.any():
                 return x
             if x.device not in on_device:
                 on_device[x.device] = channels.to(x.device), {k: v.to(x.device) for k, v in params.items()}
             idx, p = on_device[x.device]
             out = x.clone()
-            out[..., first:, idx] = response(x[..., first:, idx].float(), p).to(x.dtype)
+            out[..., idx] = torch.where(chosen[..., None], response(x[..., idx].float(), p).to(x.dtype), x[..., idx])
             return out
 
         return edit

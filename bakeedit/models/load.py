@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bakeedit.errors import BakeeditError, ModelLoadError, UnsupportedArchitecture
-from bakeedit.io.shards import read_shard
+from bakeedit.io.shards import FLOAT_DTYPES, read_shard
 from bakeedit.models.arch import ModelLayout, spec_for_model_type
 from bakeedit.models.custom import is_custom_module, read_base_config
 from bakeedit.models.embedded import (
@@ -196,6 +196,28 @@ def resolve_dtype(name: str, config: Any, device: str) -> torch.dtype:
     stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     return stored if stored in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def stored_dtype(folder: Path, config: Any = None) -> torch.dtype | None:
+    """The float dtype ``folder``'s weights are stored in: what a bake saves unless the recipe's ``model.dtype``
+    asks for another, whatever dtype the model *ran* in (``auto`` upcasts bf16 to float32 on CPU).
+
+    Read from the safetensors headers (the float dtype holding the most bytes, so float32 norms beside bf16
+    matrices do not count); for other formats the config's ``dtype``; ``None`` when neither says."""
+    counts: dict[torch.dtype, int] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            entries = read_shard(shard).entries.values()
+        except ModelLoadError:
+            continue  # not part of the checkpoint, or damaged: loading the model reports that
+        for entry in entries:
+            if entry.dtype in FLOAT_DTYPES:
+                counts[FLOAT_DTYPES[entry.dtype]] = counts.get(FLOAT_DTYPES[entry.dtype], 0) + entry.nbytes
+    if counts:
+        return max(counts, key=counts.__getitem__)
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    named = getattr(torch, named, None) if isinstance(named, str) else named
+    return named if isinstance(named, torch.dtype) and named.is_floating_point else None
 
 
 def resolve_device(name: str) -> str:

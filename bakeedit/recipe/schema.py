@@ -320,6 +320,9 @@ class EvaluateSpec(_Strict):
     seed: Integer = 0
     data_dir: str | None = None
     control: StrictBool = True
+    #: ``kl``: the control's lambdas are scaled until it disturbs the model as much as the edit (mean KL from the
+    #: base on neutral text, ``workflows/matched_control.py``); ``lambda``: the control gets the edit's own lambdas.
+    control_match: Literal["kl", "lambda"] = "kl"
 
 
 class Recipe(_Strict):

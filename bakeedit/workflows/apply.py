@@ -25,10 +25,10 @@ import torch
 
 from bakeedit.edit import EditPlan, build_plan, fold_plan, runtime_edit
 from bakeedit.edit.fit import FitReport, fit_edit
-from bakeedit.errors import BakeeditError, RecipeError, VerificationError
+from bakeedit.errors import BakeeditError, EditError, ModelLoadError, RecipeError, VerificationError
 from bakeedit.evaluate.runner import expand_tasks
 from bakeedit.export.card import write_card
-from bakeedit.export.custom_module import write_custom_module
+from bakeedit.export.custom_module import check_module_supported, write_custom_module
 from bakeedit.export.manifest import check_folder
 from bakeedit.export.provenance import (
     BaseModelInfo,
@@ -43,20 +43,27 @@ from bakeedit.export.provenance import (
     write_provenance,
 )
 from bakeedit.export.save import save_checkpoint
-from bakeedit.export.stream import stream_for_apply
+from bakeedit.export.stream import carried_files, stream_for_apply
 from bakeedit.export.verify import (
+    ExactCheck,
     VerificationResult,
     compare_logits,
+    conclude,
+    fold_exact_check,
     probe_inputs,
     probe_logits,
     prompts_digest,
+    streamed_exact_result,
 )
+from bakeedit.export.verify_blocks import exact_check
 from bakeedit.io.ownership import check_output
+from bakeedit.io.shards import Checkpoint
 from bakeedit.io.staging import staged_output
 from bakeedit.locate import LocateContext, run_locate
+from bakeedit.models.arch import ModelLayout
 from bakeedit.models.custom import is_custom_module
 from bakeedit.models.embedded import cache_root
-from bakeedit.models.load import LoadedModel, load_model
+from bakeedit.models.load import LoadedModel, load_model, stored_dtype
 from bakeedit.models.reference import ModelSpec
 from bakeedit.neurons import NeuronSet, check_neuron_count, check_origin
 from bakeedit.recipe import LoadedRecipe, parse_recipe
@@ -118,31 +125,83 @@ def resolve_neurons(lr: LoadedRecipe, loaded: LoadedModel, progress=None) -> Neu
     return run_locate(recipe.locate, loaded, ctx, source=str(lr.path))
 
 
+@dataclass
+class Probe:
+    """The probe and the base model's answers to it, taken before the fold: with the edit hooked (the reference
+    the checkpoint must reproduce) and without (the edit's own effect, which the power rule of
+    ``export/verify.py`` compares the baked-vs-hooked delta with)."""
+
+    prompts: list[str] | None
+    inputs: dict[str, torch.Tensor]
+    reference: torch.Tensor
+    base: torch.Tensor
+
+
+def take_probe(loaded: LoadedModel, plan: EditPlan, prompts: list[str] | None) -> Probe:
+    inputs = probe_inputs(loaded.tokenizer, prompts, loaded.model.config)
+    base = probe_logits(loaded.model, inputs)
+    with runtime_edit(loaded.model, loaded.layout, plan):
+        reference = probe_logits(loaded.model, inputs)
+    return Probe(prompts, inputs, reference, base)
+
+
+def exact_leg(base_folder: Path, folder: Path, layout: ModelLayout, plan: EditPlan, baked_by: str) -> ExactCheck:
+    """Every tensor of ``folder`` against the fold of ``base_folder``'s (read from its files): a streamed bake must
+    keep names and bytes too (``verify_blocks.exact_check``); an in-memory one was laid out by save_pretrained."""
+    if baked_by != "stream":
+        return fold_exact_check(base_folder, folder, layout, plan)
+    try:  # bakeedit verify --base may name a base that is no safetensors folder
+        compared, mismatched = exact_check(Checkpoint.open(base_folder), Checkpoint.open(folder), layout, plan)
+    except (EditError, ModelLoadError) as exc:
+        return ExactCheck("not run", note=str(exc), decisive=not plan.module_groups)
+    return streamed_exact_result(compared, mismatched, plan)
+
+
+_COMPARED = ("saved checkpoint ({load}) vs base model with the edit applied by hooks (logits; the edit's own effect "
+             "from the unhooked base), and every saved tensor vs the fold of the base checkpoint's (bit-exact)")
+
+
 def verify_against_runtime(
-    reference: torch.Tensor, folder: Path, loaded: LoadedModel, tolerance: float | None, prompts, inputs,
-    stored_dtype: torch.dtype | None = None,
+    probe: Probe, folder: Path, loaded: LoadedModel, plan: EditPlan, tolerance: float | None,
+    saved_dtype: torch.dtype, baked_by: str,
 ) -> tuple[VerificationResult, torch.nn.Module]:
-    """Reload ``folder`` with plain transformers and compare its probe logits with ``reference``.
+    """Both legs of ``export/verify.py``: reload ``folder`` with plain transformers (in the dtype the probe ran in)
+    and compare its probe logits with the reference, then compare its tensors with the fold of the base files.
 
-    ``stored_dtype`` is the dtype the edited weights were rounded to (a streamed bf16 bake stays bf16 even when the
-    model runs in float32): the default tolerance is that dtype's. Returns the reloaded model too: it is the
-    checkpoint as users will load it, so evaluations use it.
+    ``saved_dtype`` is the dtype the edited weights were saved in (bf16 even when the model ran in float32): the
+    default tolerance is that dtype's, the power rule's floor the runtime dtype's. Returns the reloaded model too:
+    it is the checkpoint as users will load it, so evaluations use it.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # start-up time: transformers loads when a model does
 
-    device = loaded.device
     custom = is_custom_module(folder)  # bakeedit wrote its code, and verify_output checked its hash first
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=loaded.dtype, trust_remote_code=custom)
-    reloaded = reloaded.to(device).eval()
-    candidate = probe_logits(reloaded, inputs)
-    result = compare_logits(
-        reference, candidate, stored_dtype or loaded.dtype, tolerance, int(inputs["input_ids"].shape[0]),
-        prompts_digest(prompts, loaded.tokenizer),
+    reloaded = reloaded.to(loaded.device).eval()
+    candidate = probe_logits(reloaded, probe.inputs)
+    logits = compare_logits(
+        probe.reference, candidate, saved_dtype, tolerance, int(probe.inputs["input_ids"].shape[0]),
+        prompts_digest(probe.prompts, loaded.tokenizer), base=probe.base, runtime_dtype=loaded.dtype,
     )
-    if custom:
-        result.compared = ("saved checkpoint (from_pretrained with trust_remote_code=True) vs base model with the "
-                           "edit applied by hooks")
+    result = conclude(logits, exact_leg(Path(loaded.source.path), Path(folder), loaded.layout, plan, baked_by))
+    result.compared = _COMPARED.format(load="from_pretrained with trust_remote_code=True" if custom
+                                       else "plain from_pretrained")
+    if saved_dtype != loaded.dtype:
+        result.notes.append(f"the model ran in {_dtype_name(loaded.dtype)}; the checkpoint is stored in "
+                            f"{_dtype_name(saved_dtype)}, whose tolerance applies")
     return result, reloaded
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_dtype(requested: str, loaded: LoadedModel) -> tuple[torch.dtype, bool]:
+    """The dtype the in-memory bake saves in, and whether that converts the base: the base's stored dtype unless
+    the recipe's ``model.dtype`` names one (``auto`` runs a bf16 checkpoint in float32 on CPU, and saving that would
+    double the folder's size for nothing)."""
+    stored = stored_dtype(Path(loaded.source.path), loaded.model.config) or loaded.dtype
+    wanted = stored if requested == "auto" else getattr(torch, requested)
+    return wanted, wanted != stored
 
 
 def apply_recipe(
@@ -183,19 +242,17 @@ def apply_recipe(
     plan: EditPlan = build_plan(neuron_set.neurons, edit, loaded.layout, source="neurons")
     if plan.n_neurons == 0:
         raise RecipeError(f"{lr.path}: the neuron set is empty; nothing to edit")
+    check_module_supported(loaded.layout, plan)  # before references, evaluations and the bake
 
-    prompts = recipe.verify.prompts
-    inputs = probe_inputs(loaded.tokenizer, prompts, loaded.model.config)
-    with _timed(timings, "reference logits (runtime hooks)", report), runtime_edit(
-        loaded.model, loaded.layout, plan
-    ):
-        reference = probe_logits(loaded.model, inputs)
+    with _timed(timings, "reference logits (runtime hooks)", report):
+        probe = take_probe(loaded, plan, recipe.verify.prompts)  # with and without the hooks: the edit's effect
 
     eval_spec = recipe.evaluate if evaluate and recipe.evaluate and recipe.evaluate.tasks else None
-    before = control = None
+    before = control = kl_edit = None
     if eval_spec is not None:
         with _timed(timings, "evaluate base and random control", report):
-            before, control = evaluate_before_fold(loaded, neuron_set, edit, eval_spec, bars)
+            measured = evaluate_before_fold(loaded, neuron_set, edit, eval_spec, bars, edit_plan=plan)
+            before, control, kl_edit = measured.run, measured.control, measured.kl_edit
 
     with staged_output(out, overwrite) as tmp:
         with _timed(timings, "fold edit into weights", report):
@@ -206,23 +263,29 @@ def apply_recipe(
                 folded = fold_plan(loaded.model, loaded.layout, plan)
         if streamed is None:
             with _timed(timings, "save checkpoint", report):
-                save_checkpoint(
+                stored, converted = save_dtype(recipe.model.dtype, loaded)
+                if stored != loaded.dtype:
+                    report(f"saving in {_dtype_name(stored)}, " + (
+                        "as the recipe's model.dtype asks" if converted else "the checkpoint's stored dtype") +
+                        f" (the model ran in {_dtype_name(loaded.dtype)})")
+                base = Path(loaded.source.path)
+                save_checkpoint(  # the base's non-weight files, as the streaming bake carries them
                     loaded.model, loaded.tokenizer, tmp, recipe.export.max_shard_size or DEFAULT_MAX_SHARD_SIZE,
-                    base_folder=loaded.source.path,
+                    base_folder=base, dtype=stored, base_files=carried_files(base)[0], converted=converted,
                 )
                 module = write_custom_module(tmp, loaded.model, loaded.layout, plan) if plan.module_groups else None
-            stored_dtype = loaded.dtype
         else:  # streamed tensor by tensor from the base shards: same layout, the stored dtype kept
-            folded, module, stored_dtype = streamed.folded, None, streamed.stored_dtype
+            folded, module, stored = streamed.folded, None, streamed.stored_dtype
         with _timed(timings, "verify (reload + compare)", report):
             verification, reloaded = verify_against_runtime(
-                reference, tmp, loaded, recipe.verify.tolerance, prompts, inputs, stored_dtype
+                probe, tmp, loaded, plan, recipe.verify.tolerance, stored,
+                "stream" if streamed is not None else "in-memory",
             )
         loaded.model = reloaded  # from here on, the model is the checkpoint exactly as users will load it
+        report(_verification_line(verification))
         if not verification.passed:
             raise VerificationError(
-                f"the saved checkpoint differs from the runtime edit: max |delta logit| "
-                f"{verification.max_abs_logit_delta:.3g} > tolerance {verification.tolerance:.3g}",
+                f"the saved checkpoint differs from the runtime edit: {'; '.join(verification.failures())}",
                 hint="nothing was written; run with --debug and report the recipe if this is float32",
             )
         neuron_set = _portable_neurons(neuron_set, loaded, out)  # no absolute local path in a published file
@@ -231,7 +294,8 @@ def apply_recipe(
         evaluation = None
         if eval_spec is not None and before is not None:
             with _timed(timings, "evaluate edited checkpoint", report):
-                after = evaluate_edited(reloaded, loaded.tokenizer, plan.n_neurons, neuron_set.method, eval_spec, bars)
+                after = evaluate_edited(reloaded, loaded.tokenizer, plan.n_neurons, neuron_set.method, eval_spec, bars,
+                                        kl=kl_edit)
                 evaluation = write_evaluation(tmp, merge_runs(before, after), control)
         provenance = Provenance(
             recipe=RecipeInfo(
@@ -250,7 +314,7 @@ def apply_recipe(
             folded_tensors=[f.name for f in folded],
             custom_module=module,
             fit=_fit_record(fit),
-            dtype=str(stored_dtype).removeprefix("torch."),
+            dtype=_dtype_name(stored),  # as stored, whatever the model ran in (verification.runtime_dtype)
             baked_by="stream" if streamed is not None else "in-memory",
             verification=verification,
             files_sha256=hash_written_files(tmp),
@@ -314,14 +378,27 @@ def verify_output(folder: Path, base: str | None = None, tolerance: float | None
     except ValueError as exc:
         raise VerificationError(f"{folder}/bakeedit.json: recipe.data.model: {str(exc).splitlines()[-1].strip()}",
                                 hint="re-run bakeedit apply; the record does not follow the recipe schema") from None
-    spec = spec.model_copy(update={"id": _base_ref(provenance, base, folder), "dtype": provenance.dtype})
+    # The probe runs in the dtype apply ran it in (float32 on CPU for a bf16 checkpoint), so the power rule sees
+    # the same resolution; records written before runtime_dtype existed ran in their stored dtype.
+    runtime = provenance.verification.runtime_dtype or provenance.dtype
+    spec = spec.model_copy(update={"id": _base_ref(provenance, base, folder), "dtype": runtime})
     loaded = load_model(spec)
     prompts = provenance.recipe.data.get("verify", {}).get("prompts")
-    inputs = probe_inputs(loaded.tokenizer, prompts, loaded.model.config)
-    with runtime_edit(loaded.model, loaded.layout, provenance.plan):
-        reference = probe_logits(loaded.model, inputs)
-    result, _ = verify_against_runtime(reference, folder, loaded, tolerance, prompts, inputs)
+    probe = take_probe(loaded, provenance.plan, prompts)
+    result, _ = verify_against_runtime(probe, folder, loaded, provenance.plan, tolerance,
+                                       getattr(torch, provenance.dtype), provenance.baked_by)
     return result
+
+
+def _verification_line(result: VerificationResult) -> str:
+    """One line for the apply output: both legs, with the numbers the power rule compared."""
+    effect = "not measured" if result.edit_effect is None else f"{result.edit_effect:.3g}"
+    exact = f"{result.exact} ({result.exact_tensors_compared} tensors)" if result.exact != "not run" else (
+        f"not run: {result.exact_note}")
+    return (f"verification {'passed' if result.passed else 'FAILED'}: max |delta logit| "
+            f"{result.max_abs_logit_delta:.3g} (tolerance {result.tolerance:.3g}, {result.dtype}), edit effect "
+            f"{effect} (power rule {result.power}), exact leg {exact}" +
+            "".join(f"; {note}" for note in result.notes))
 
 
 def _base_ref(provenance: Provenance, base: str | None, folder: Path) -> str:

@@ -9,10 +9,12 @@ limit and seed), so differences are paired. Without the control no debiasing cla
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bakeedit.edit import EditPlan, build_plan
+from bakeedit.evaluate.disturbance import Disturbance
 from bakeedit.evaluate.report import PLOTS_DIR, REPORT_FILE, RESULTS_FILE, write_results
 from bakeedit.evaluate.runner import EvalRun, evaluate_models, with_runtime_edit
 from bakeedit.export.manifest import check_folder, refresh_manifest
@@ -21,6 +23,7 @@ from bakeedit.locate.random import random_like
 from bakeedit.models.load import LoadedModel
 from bakeedit.neurons import NeuronSet
 from bakeedit.recipe import EditSpec, EvaluateSpec
+from bakeedit.workflows.matched_control import MatchedControl, match_control
 
 CONTROL_NEURONS_FILE = "neurons-random.json"
 Bars = Callable[[str, int, int], None]
@@ -33,11 +36,25 @@ def control_set(neuron_set: NeuronSet, loaded: LoadedModel, seed: int) -> Neuron
     return control
 
 
-def control_model(loaded: LoadedModel, control: NeuronSet, edit: EditSpec, source: str) -> tuple[Any, EditPlan]:
+def with_plan_lambdas(neuron_set: NeuronSet, plan: EditPlan) -> NeuronSet:
+    """``neuron_set`` with each neuron of a linear group of ``plan`` carrying that group's lambda for it."""
+    lambdas = {(g.layer, g.site, i): lam for g in plan.groups for i, lam in zip(g.indices, g.lambdas, strict=True)}
+    neurons = [n.model_copy(update={"lambda_": lambdas[n.address]}) if n.address in lambdas else n
+               for n in neuron_set.neurons]
+    return neuron_set.model_copy(update={"neurons": neurons})
+
+
+def control_model(loaded: LoadedModel, control: NeuronSet, edit: EditSpec, source: str,
+                  matched_to: EditPlan | None = None) -> tuple[Any, EditPlan, MatchedControl | None]:
     """The random control as an evaluable model: ``edit`` applied to ``control``'s neurons of the unedited base by
-    runtime hooks. The one builder for ``apply``'s control and ``bakeedit eval --control``."""
+    runtime hooks. The one builder for ``apply``'s control and ``bakeedit eval --control``. With ``matched_to`` (the
+    edit's plan) its lambdas are scaled until it disturbs the model as much as that edit (``matched_control.py``)."""
     plan = build_plan(control.neurons, edit, loaded.layout, source=source)
-    return with_runtime_edit(loaded, plan), plan
+    matched = None
+    if matched_to is not None:
+        matched = match_control(Disturbance(loaded.model, loaded.layout, loaded.tokenizer), matched_to, control, plan)
+        plan = matched.plan
+    return with_runtime_edit(loaded, plan), plan, matched
 
 
 def _run(models: Mapping[str, Any], spec: EvaluateSpec, bars: Bars | None, descriptions: dict) -> EvalRun:
@@ -47,29 +64,59 @@ def _run(models: Mapping[str, Any], spec: EvaluateSpec, bars: Bars | None, descr
     )
 
 
+@dataclass
+class BeforeFold:
+    """What is measured on the unedited weights: base and control scores, the control set, the disturbances."""
+
+    run: EvalRun
+    control: NeuronSet | None
+    kl_edit: float | None = None  # mean KL of the edit from the base on neutral text (nats per token)
+    matched: MatchedControl | None = None
+
+
 def evaluate_before_fold(
-    loaded: LoadedModel, neuron_set: NeuronSet, edit: EditSpec, spec: EvaluateSpec, bars: Bars | None = None
-) -> tuple[EvalRun, NeuronSet | None]:
-    """Score the base model and (if ``spec.control``) the random control on the unedited weights."""
+    loaded: LoadedModel, neuron_set: NeuronSet, edit: EditSpec, spec: EvaluateSpec, bars: Bars | None = None,
+    edit_plan: EditPlan | None = None,
+) -> BeforeFold:
+    """Score the base model and (if ``spec.control``) the random control on the unedited weights.
+
+    With ``control_match: kl`` (the default) and the edit's ``edit_plan``, the control's lambdas are scaled until it
+    disturbs the model as much as the edit does (``workflows/matched_control.py``); both disturbances are recorded.
+    """
     models: dict[str, Any] = {"base": loaded}
     name = loaded.source.base_model or loaded.source.ref
-    descriptions = {"base": {"ref": loaded.source.ref, "description": f"base model `{name}`"}}
-    control = None
+    descriptions: dict[str, dict[str, Any]] = {
+        "base": {"ref": loaded.source.ref, "description": f"base model `{name}`"}}
+    control, matched, kl_edit = None, None, None
     if spec.control:
         control = control_set(neuron_set, loaded, spec.seed)
-        models["control"], plan = control_model(loaded, control, edit, "control")
-        descriptions["control"] = {
-            "ref": loaded.source.ref, "neurons": CONTROL_NEURONS_FILE,
-            "description": f"base + the same edit on {plan.n_neurons} random neurons (same layer/site counts, "
-                           f"seed {spec.seed})",
-        }
-    return _run(models, spec, bars, descriptions), control
+        match = spec.control_match == "kl" and edit_plan is not None and loaded.tokenizer is not None
+        models["control"], plan, matched = control_model(loaded, control, edit, "control",
+                                                         matched_to=edit_plan if match else None)
+        what = f"{plan.n_neurons} random neurons (same layer/site counts, seed {spec.seed})"
+        if matched is not None:
+            kl_edit = matched.kl_edit
+            control = with_plan_lambdas(control, plan)  # neurons-random.json then describes the control exactly
+            descriptions["control"] = {
+                "description": f"base + {what}, lambdas scaled by t = {matched.scale:.3g} so that the control disturbs "
+                               f"the model as much as the edit (KL {matched.kl_control:.3g} vs {matched.kl_edit:.3g} "
+                               f"nats/token{'' if matched.matched else ', the closest reachable'}; with the edit's own "
+                               f"lambdas: {matched.kl_same_lambda:.3g})",
+                "kl": matched.kl_control, "control_scale": matched.scale, "kl_same_lambda": matched.kl_same_lambda,
+            }
+        else:
+            descriptions["control"] = {"description": f"base + the same edit on {what}"}
+        descriptions["control"].update(ref=loaded.source.ref, neurons=CONTROL_NEURONS_FILE)
+    return BeforeFold(_run(models, spec, bars, descriptions), control, kl_edit, matched)
 
 
 def evaluate_edited(model: Any, tokenizer: Any, n_neurons: int, method: str, spec: EvaluateSpec,
-                    bars: Bars | None = None) -> EvalRun:
-    """Score the baked checkpoint (reloaded from disk)."""
-    descriptions = {"edited": {"description": f"the baked checkpoint ({n_neurons} {method} neurons)"}}
+                    bars: Bars | None = None, kl: float | None = None) -> EvalRun:
+    """Score the baked checkpoint (reloaded from disk); ``kl``: its disturbance, measured before the fold."""
+    descriptions: dict[str, dict[str, Any]] = {
+        "edited": {"description": f"the baked checkpoint ({n_neurons} {method} neurons)"}}
+    if kl is not None:
+        descriptions["edited"]["kl"] = kl
     return _run({"edited": (model, tokenizer)}, spec, bars, descriptions)
 
 

@@ -81,3 +81,42 @@ def test_lambda_one_leaves_weights_bit_identical():
     fold_plan(model, layout, build_plan(neurons, EditSpec(), layout))
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]), name
+
+
+def _masked_plan(layout):
+    return build_plan([Neuron(layer=1, site="mlp.act", index=i, **{"lambda": 0.0}) for i in (2, 7)], EditSpec(), layout)
+
+
+def test_fold_refuses_a_model_on_the_meta_device():
+    """Weights on the meta device (as accelerate leaves offloaded ones) hold nothing to fold into, and all share
+    ``data_ptr()`` 0: the refusal must come before the aliasing check, and point at the streaming bake."""
+    from tiny_models import CONFIGS
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(CONFIGS["llama"])
+    layout = ModelLayout.for_model(model)
+    with pytest.raises(EditError, match=r"offloaded model .*meta device.*use the streaming bake .*without --in-memory"):
+        fold_plan(model, layout, _masked_plan(layout))
+
+
+def test_fold_refuses_an_accelerate_offloaded_model():
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model("llama")
+    layout = ModelLayout.for_model(model)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert layout.blocks(model)[1].mlp.down_proj.weight.device.type == "meta"
+    with pytest.raises(EditError, match="use the streaming bake"):
+        fold_plan(model, layout, _masked_plan(layout))
+
+
+def test_fold_refuses_a_device_map_with_disk_offload(tmp_path):
+    pytest.importorskip("accelerate")
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map=device_map,
+                                                 offload_folder=tmp_path / "offload")
+    assert model.hf_device_map["model.layers"] == "disk"
+    layout = ModelLayout.for_model(model)
+    with pytest.raises(EditError, match=r"offloaded model .*use the streaming bake"):
+        fold_plan(model, layout, _masked_plan(layout))

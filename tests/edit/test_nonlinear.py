@@ -9,7 +9,7 @@ import torch
 from pydantic import ValidationError
 
 from bakeedit.edit import build_plan, runtime_edit
-from bakeedit.edit.nonlinear import first_position
+from bakeedit.edit.nonlinear import POSITIONS_ATTR, attached_positions, token_positions
 from bakeedit.errors import EditError, NeuronSetError, RecipeError
 from bakeedit.maps import MAPS, apply_map, linear_lambda
 from bakeedit.models.arch import ModelLayout
@@ -198,11 +198,29 @@ def test_override_inherits_map_params_and_positions():
     assert (r2.map, r2.params, r2.positions) == ("power", {}, "last")  # params only inherited with the same map
 
 
-@pytest.mark.parametrize(("seq", "positions", "start", "offset", "first"), [
-    (5, "all", 0, 0, 0), (5, "last", 0, 0, 4), (5, "all", 3, 0, 3), (1, "last", 0, 7, 0), (1, "all", 9, 7, 1),
-    (5, "last", 9, 0, 5), (1, "all", 3, 7, 0)])
-def test_first_position(seq, positions, start, offset, first):
-    assert first_position(seq, positions, start, offset) == first
+R, P = True, False  # readable rows of `last` below: R = the last real token of its sequence, P = not
+
+
+@pytest.mark.parametrize(("past", "mask", "position_ids", "index", "last"), [
+    # one unpadded row, no cache: indices 0.., the last column is last
+    (0, None, None, [[0, 1, 2, 3]], [[P, P, P, R]]),
+    # a decoding step: one new token after 7 cached ones
+    (7, None, None, [[7]], [[R]]),
+    # right padding: the last real token, not the last column; indices count real tokens only
+    (0, [[1, 1, 1, 1], [1, 1, 0, 0]], None, [[0, 1, 2, 3], [0, 1, 1, 1]], [[P, P, P, R], [P, R, P, P]]),
+    # left padding, mask over the cache and the new token: the index skips the row's padding
+    (3, [[1, 1, 1, 1], [0, 0, 1, 1]], None, [[3], [1]], [[R], [R]]),
+    # position ids win over the mask (generate() passes both; padding gets 0 there)
+    (0, [[0, 1, 1]], [[0, 0, 1]], [[0, 0, 1]], [[P, P, R]]),
+    # a packed row (4D mask: ignored): a context of 3, then segments of 2 and 3 that restart at position 3
+    (0, torch.ones(1, 1, 8, 8), [[0, 1, 2, 3, 4, 3, 4, 5]], [[0, 1, 2, 3, 4, 3, 4, 5]],
+     [[P, P, P, P, R, P, P, R]]),
+])
+def test_token_positions_count_real_tokens_and_find_each_sequences_last(past, mask, position_ids, index, last):
+    mask, position_ids = (None if v is None else torch.as_tensor(v) for v in (mask, position_ids))
+    got_index, got_last = token_positions((len(index), len(index[0])), past, mask, position_ids)
+    assert got_index.tolist() == index
+    assert got_last.tolist() == last
 
 
 def captured(model, layout, plan, ids, address):
@@ -244,3 +262,93 @@ def test_start_counts_cached_tokens_under_incremental_decoding(llama):
     assert torch.allclose(torch.cat(steps, dim=1), whole, atol=1e-5)
     with torch.no_grad():
         assert (model(ids).logits[:, 6:] - whole[:, 6:]).abs().amax() > 1e-3  # the edit did act from position 6
+
+
+#: KnowBias's scale at the last real token plus a nonlinear map from token 3 on: both depend on where a row's real
+#: tokens are, which padding must not move.
+SCOPED = spec(**{"lambda": 5.0, "positions": "last", "overrides": [
+    {"sites": ["attn.v"], "map": "tanh_gain", "params": {"alpha": 2.0, "s": 0.05}, "positions": "all", "start": 3}]})
+SCOPED_NEURONS = [Neuron(layer=layer, site=site, index=i) for layer in range(3) for site in ("mlp.gate", "attn.v")
+                  for i in range(0, 16, 3)]
+
+
+def padded(rows: list[list[int]], side: str) -> dict[str, torch.Tensor]:
+    """A batch of ``rows`` padded on ``side``; left padding gets the position ids ``generate()`` would give."""
+    width = max(map(len, rows))
+    ids, mask = torch.zeros(len(rows), width, dtype=torch.long), torch.zeros(len(rows), width, dtype=torch.long)
+    for k, row in enumerate(rows):
+        cols = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        ids[k, cols], mask[k, cols] = torch.tensor(row), 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if side == "left":
+        batch["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+    return batch
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_moves_neither_the_last_position_nor_start(llama, side):
+    model, layout = llama
+    plan = build_plan(SCOPED_NEURONS, SCOPED, layout)
+    rows = [probe_ids(batch=1, seq=9, seed=3)[0].tolist(), probe_ids(batch=1, seq=5, seed=4)[0].tolist()]
+    batch = padded(rows, side)
+    with torch.no_grad():
+        base = [model(torch.tensor([row])).logits[0] for row in rows]
+        with runtime_edit(model, layout, plan):
+            alone = [model(torch.tensor([row])).logits[0] for row in rows]
+            together = model(**batch).logits
+    for k in range(len(rows)):
+        cols = torch.nonzero(batch["attention_mask"][k]).flatten()
+        assert torch.allclose(together[k, cols], alone[k], atol=1e-5), k
+        assert (alone[k][-1] - base[k][-1]).abs().max() > 1e-2  # the edit does act on each row's last token
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_left_padded_batched_generation_equals_each_row_alone(llama, use_cache):
+    """The prefill edits each row's last prompt token and every step the new token, at real indices."""
+    model, layout = llama
+    plan = build_plan(SCOPED_NEURONS, SCOPED, layout)
+    rows = [probe_ids(batch=1, seq=8, seed=6)[0].tolist(), probe_ids(batch=1, seq=3, seed=7)[0].tolist()]
+    batch = {k: v for k, v in padded(rows, "left").items() if k != "position_ids"}
+    options = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "use_cache": use_cache}
+    with torch.no_grad(), runtime_edit(model, layout, plan):
+        together = model.generate(**batch, **options)[:, -6:]
+        alone = [model.generate(torch.tensor([row]), **options)[0, -6:] for row in rows]
+    with torch.no_grad():
+        unedited = model.generate(**batch, **options)[:, -6:]
+    assert together.tolist() == [a.tolist() for a in alone]
+    assert not torch.equal(together, unedited)
+
+
+def test_runtime_edit_announces_its_position_scopes(llama):
+    """The scorer reads ``bakeedit_positions`` to refuse the modes that cannot reproduce a last-position edit."""
+    model, layout = llama
+    assert attached_positions(model) == frozenset()
+    with runtime_edit(model, layout, build_plan(SCOPED_NEURONS, SCOPED, layout)):
+        assert attached_positions(model) == {"last", "all"}
+        with runtime_edit(model, layout, build_plan(SCOPED_NEURONS[:1], spec(**{"lambda": 2.0}), layout)):
+            assert attached_positions(model) == {"last", "all"}  # a folded-only plan adds nothing
+    assert not hasattr(model, POSITIONS_ATTR)
+
+
+def test_a_shared_expert_that_sees_flattened_tokens_gets_each_rows_positions():
+    """Qwen2-MoE runs its shared expert on ``[batch * seq, channels]``: each row's last real token and real indices
+    still decide, not the flattened order."""
+    model = tiny_model("qwen2_moe")
+    layout = ModelLayout.for_model(model)
+    shared = [Neuron(layer=layer, site=site, index=i) for layer in range(3) for site in ("mlp.shared.gate",
+              "mlp.shared.act") for i in range(0, 40, 3)]
+    edit = spec(**{"lambda": 8.0, "positions": "last", "overrides": [
+        {"sites": ["mlp.shared.act"], "map": "tanh_gain", "params": {"alpha": 2.0, "s": 0.05}, "positions": "all",
+         "start": 3}]})
+    plan = build_plan(shared, edit, layout)
+    assert {g.site for g in plan.module_groups} == {"mlp.shared.gate", "mlp.shared.act"}
+    rows = [probe_ids(batch=1, seq=9, seed=3)[0].tolist(), probe_ids(batch=1, seq=5, seed=4)[0].tolist()]
+    batch = padded(rows, "right")
+    with torch.no_grad():
+        base = [model(torch.tensor([row])).logits[0] for row in rows]
+        with runtime_edit(model, layout, plan):
+            alone = [model(torch.tensor([row])).logits[0] for row in rows]
+            together = model(**batch).logits
+    for k in range(len(rows)):
+        assert torch.allclose(together[k, :len(rows[k])], alone[k], atol=1e-5), k
+        assert (alone[k][-1] - base[k][-1]).abs().max() > 1e-2

@@ -6,12 +6,15 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bakeedit.errors import DataError
 from bakeedit.evaluate import MetricValue, TaskResult
 from bakeedit.evaluate.report import fmt, improved, read_results, render_report, write_results
 from bakeedit.evaluate.runner import EvalRun
+from bakeedit.evaluate.stats import ItemScores
+from bakeedit.evaluate.tasks.crows_pairs import crows_metrics
 
 
 def mv(name: str, value: float, stderr: float | None = 2.0, better: bool | None = None) -> MetricValue:
@@ -60,12 +63,14 @@ def test_write_results(tmp_path: Path) -> None:
     folder = report.parent
     text = report.read_text()
     # columns: base, edited, control, then deltas of edited and control against base
-    head = "| task | metric | ideal | base | edited | control | Δ edited | Δ control | better (edited, control) |"
+    head = ("| task | metric | ideal | base | edited | control | edited − base | control − base | edited − control "
+            "| verdict (edited vs control) |")
     assert head in text
-    assert "| crows_pairs | pct_stereotype | 50 | 60.0 ± 2.0 | 52.0 ± 2.0 | 58.0 ± 2.0 | -8.0 ± 2.8 | -2.0 ± 2.8 | " \
-           "yes / yes |" in text
-    assert "| arc_easy | acc | — | 0.620 ± 0.010 | 0.600 ± 0.010 | 0.610 ± 0.010 | -0.020 ± 0.014 | " \
-           "-0.010 ± 0.014 | no / no |" in text
+    # results without per-item scores (written before them): unpaired differences, marked †, and no verdict
+    assert "| crows_pairs | pct_stereotype (whole sentence, lm-eval) | 50 | 60.0 ± 2.0 | 52.0 ± 2.0 | 58.0 ± 2.0 | " \
+           "-8.0 ± 2.8 † | -2.0 ± 2.8 † | -6.0 ± 2.8 † | not tested (no per-item scores) |" in text
+    assert "| arc_easy | acc | — | 0.620 ± 0.010 | 0.600 ± 0.010 | 0.610 ± 0.010 | -0.020 ± 0.014 † | " \
+           "-0.010 ± 0.014 † | -0.010 ± 0.014 † | not tested (no per-item scores) |" in text
     assert "| gender | 100 | 70.0 ± 2.0 | 50.0 ± 2.0 | 66.0 ± 2.0 | -20.0 ± 2.8 | -4.0 ± 2.8 |" in text
     assert "| crows_pairs | 1 | 100 | 1508 | `/data/crows_pairs/crows.csv` | `abababababababab` |" in text
     for png in ("plots/bias_crows_pairs.png", "plots/capability.png", "plots/capability_deltas.png",
@@ -106,3 +111,80 @@ def test_read_results_errors(tmp_path: Path) -> None:
     (tmp_path / "results.json").write_text("{}")
     with pytest.raises(DataError, match=r"not a bakeedit results\.json"):
         read_results(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- paired verdicts
+
+N = 40
+
+
+def crows_items(n_more: int, n: int = 100) -> TaskResult:
+    """100 pairs; sent_more is the likelier one on the first ``n_more`` (log-likelihood gap +0.5, else -0.5), in
+    both the whole-sentence and the shared-token score."""
+    more = np.where(np.arange(n) < n_more, -1.0, -2.0)
+    less = np.full(n, -1.5)
+    items = ItemScores.build([str(i) for i in range(n)], ll_more=more, ll_less=less, sll_more=more, sll_less=less)
+    return TaskResult("crows_pairs", "2", "bias", crows_metrics(more, less, 0, more, less), n, "crows.csv",
+                      "ab" * 32, n, 0, items=items)
+
+
+def arc_items(n_right: int) -> TaskResult:
+    acc = (np.arange(N) < n_right).astype(float)
+    return TaskResult("arc_easy", "1", "capability", {"acc": mv("acc", float(acc.mean()), 0.07, True)}, N, "arc",
+                      "cd" * 32, N, 0, items=ItemScores.build([str(i) for i in range(N)], acc=acc))
+
+
+def paired_run() -> EvalRun:
+    """base and control: stereotyped on 75 of 100 pairs, 30 of 40 ARC items right; edited: stereotyped on 50 of
+    those 75 (50 %: the ideal), right on 10 of those 30 ARC items."""
+    return EvalRun({"base": [crows_items(75), arc_items(30)], "edited": [crows_items(50), arc_items(10)],
+                    "control": [crows_items(75), arc_items(30)]}, config={"limit": 100, "seed": 0})
+
+
+def row_cells(text: str, task: str, metric: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {task} | {metric}"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_verdicts_of_paired_results(tmp_path: Path) -> None:
+    report = write_results(tmp_path / "eval", paired_run(), plots=False)
+    text = report.read_text()
+    dev = row_cells(text, "crows_pairs", "stereotype_dev (")
+    assert dev[1:3] == ["stereotype_dev (distance of pct_stereotype from 50, whole sentence)", "0"]
+    assert [c.split(" ±")[0] for c in dev[3:6]] == ["25.0", "0.000", "25.0"]  # base, edited, control
+    assert dev[-1].startswith("beats control (p=") and "†" not in " ".join(dev)
+    # every pair has the same 0.5 gap in absolute value: nothing to tell the models apart
+    assert row_cells(text, "crows_pairs", "likelihood_diff")[-1] == "no better than control (p=1)"
+    # edited is right only where control is: worse on every resample
+    assert row_cells(text, "arc_easy", "acc")[-1] == "worse than control (p=0.002)"
+    assert row_cells(text, "arc_easy", "acc")[-2].startswith("-0.500 ± ")  # the paired difference, no †
+
+    raw = json.loads((report.parent / "results.json").read_text())
+    row = next(r for r in raw["paired"] if r["task"] == "crows_pairs" and r["metric"] == "stereotype_dev"
+               and r["a"] == "edited" and r["b"] == "control")
+    assert row["delta"] == pytest.approx(-25.0) and row["gain"] == pytest.approx(25.0) and row["gain_p"] < 0.05
+    assert raw["results"]["edited"][0]["items"]["values"]["ll_more"][:2] == [-1.0, -1.0]
+    # read back (as `bakeedit card` does): the same per-item scores, so the same verdicts
+    back = read_results(report.parent)
+    assert np.array_equal(back.results["edited"][1].items.values["acc"], arc_items(10).items.values["acc"])
+    assert render_report(back) == text
+
+
+def test_old_results_without_item_scores_still_load(tmp_path: Path) -> None:
+    write_results(tmp_path, paired_run(), plots=False)
+    raw = json.loads((tmp_path / "results.json").read_text())
+    for results in raw["results"].values():
+        for r in results:
+            del r["items"]
+    del raw["paired"]
+    (tmp_path / "results.json").write_text(json.dumps(raw))
+    back = read_results(tmp_path)
+    assert back.results["edited"][0].items is None
+    assert "not tested (no per-item scores)" in render_report(back)
+
+
+def test_without_a_control_the_verdict_is_against_base() -> None:
+    run = EvalRun({"base": [arc_items(30)], "edited": [arc_items(10)]}, config={"seed": 0})
+    text = render_report(run)
+    assert "| verdict (edited vs base) |" in text
+    assert row_cells(text, "arc_easy", "acc")[-1] == "worse than base (p=0.002)"

@@ -21,6 +21,7 @@ from bakeedit.io.hashing import file_sha256
 from bakeedit.workflows.apply_eval import record_evaluation
 
 GOLDEN = Path(__file__).parent / "golden" / "card_structure.txt"
+GOLDEN_VERDICTS = Path(__file__).parent / "golden" / "card_verdicts.txt"
 UPDATE_GOLDEN = os.environ.get("BAKEEDIT_UPDATE_GOLDEN") == "1"
 
 
@@ -81,7 +82,9 @@ def test_body_traces_every_number_to_the_evidence(evaluated):
     if (evaluated / HEATMAP_FILE).is_file():
         assert f"]({HEATMAP_FILE})" in text
     bias = text.split("### Bias")[1].split("### Capability")[0]
-    assert "| crows_pairs | pct_stereotype | 50 | 60.0 ± 1.5 | 55.0 ± 1.5 | 59.0 ± 1.5 | -5.00 ± 2.12 |" in bias
+    # results without per-item scores: unpaired differences (†) and no verdict
+    assert ("| crows_pairs | pct_stereotype (whole sentence, lm-eval) | 50 | 60.0 ± 1.5 | 55.0 ± 1.5 | 59.0 ± 1.5 | "
+            "-5.00 ± 2.12 † | -1.00 ± 2.12 † | -4.00 ± 2.12 † | not tested (no per-item scores) | 40 |") in bias
     assert bias.count("| 40 |") == 3  # sample counts
     assert "| arc_easy | acc |" in text.split("### Capability")[1] and "| 30 |" in text
     assert "Blodgett et al., 2021" in text and "BBQ's ambiguous-context" in text  # only run tasks' weaknesses
@@ -188,3 +191,66 @@ def test_a_local_base_is_named_without_the_machine_path(tmp_path):
     text = (folder / CARD_FILE).read_text()
     assert str(tmp_path) not in text  # neither the base folder's path nor the recipe's
     assert "`base-llama`" in text
+
+
+def paired_evaluation(folder: Path):
+    """base, edited and control with per-item scores (as tasks now write them): on 100 CrowS pairs base and
+    control prefer the stereotype 75 times, edited 50 (the ideal); on 40 ARC items base and control are right 30
+    times, edited 10 (a subset)."""
+    import numpy as np
+
+    from bakeedit.evaluate.report import write_results
+    from bakeedit.evaluate.runner import EvalRun
+    from bakeedit.evaluate.stats import ItemScores
+    from bakeedit.evaluate.tasks.base import MetricValue, TaskResult
+    from bakeedit.evaluate.tasks.crows_pairs import crows_metrics
+
+    def crows(n_more: int) -> TaskResult:
+        more, less = np.where(np.arange(100) < n_more, -1.0, -2.0), np.full(100, -1.5)
+        items = ItemScores.build([str(i) for i in range(100)], ll_more=more, ll_less=less, sll_more=more,
+                                 sll_less=less)
+        return TaskResult("crows_pairs", "2", "bias", crows_metrics(more, less, 0, more, less), 100,
+                          "crows_pairs/crows.csv", "0" * 64, 100, 0, items=items)
+
+    def arc(n_right: int) -> TaskResult:
+        acc = (np.arange(40) < n_right).astype(float)
+        return TaskResult("arc_easy", "1", "capability", {"acc": MetricValue("acc", float(acc.mean()), 0.07, 40,
+                                                                                True)},
+                          40, "arc/ARC-Easy.jsonl", "0" * 64, 100, 0,
+                          items=ItemScores.build([str(i) for i in range(40)], acc=acc))
+
+    run = EvalRun({"base": [crows(75), arc(30)], "edited": [crows(50), arc(10)], "control": [crows(75), arc(30)]},
+                  config={"tasks": ["crows_pairs", "arc_easy"], "limit": 100, "seed": 0},
+                  models={"base": {"description": "the tiny base"}, "edited": {"description": "the baked edit"},
+                          "control": {"description": "four random neurons"}})
+    write_results(folder / "eval", run, plots=False)
+    return run
+
+
+def verdict_structure(text: str) -> list[str]:
+    """The evaluation tables' heads and, per row, task, metric and verdict (p-values and numbers left out)."""
+    section = text.split("## Evaluation")[1].split("### Data")[0]
+    lines = []
+    for line in section.splitlines():
+        if line.startswith("| task |"):
+            lines.append(line)
+        elif line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            lines.append(" | ".join([cells[0], cells[1], re.sub(r" \(p[=<][^)]*\)", " (p)", cells[-2])]))
+    return lines
+
+
+def test_card_says_per_metric_whether_the_edit_beats_the_control(tmp_path):
+    folder = bake(tmp_path)
+    record_evaluation(folder, folder / "eval", paired_evaluation(folder))
+    text = write_card(folder).read_text()
+    found = verdict_structure(text)
+    if UPDATE_GOLDEN:
+        GOLDEN_VERDICTS.write_text("\n".join(found) + "\n")
+    assert found == GOLDEN_VERDICTS.read_text().splitlines(), "regenerate with BAKEEDIT_UPDATE_GOLDEN=1 if intended"
+    assert "crows_pairs | stereotype_dev (distance of pct_stereotype from 50, whole sentence) | beats control (p)" \
+        in found
+    assert "arc_easy | acc | worse than control (p)" in found
+    rows = [ln for ln in text.split("## Evaluation")[1].split("### Data")[0].splitlines() if ln.startswith("| ")]
+    assert rows and not any("†" in row for row in rows)  # every difference is paired
+    assert "only a metric that beats the control is evidence" in text

@@ -55,11 +55,14 @@ CASES: dict[str, tuple[list[Neuron], dict]] = {
     "last": (LAST, {"lambda": 8.0, "positions": "last", "overrides": [
         {"sites": ["attn.v"], "map": "tanh_gain", "params": {"alpha": 2.0, "s": 0.05}, "start": 2},
         {"sites": ["attn.q"], "lambda": 3.0, "positions": "all"}]}),
+    # a nonlinear map at every real token from token 3 on: the index must count real tokens, not padding
+    "start": (NEURONS, {"type": "nonlinear", "map": "tanh_gain", "params": {"alpha": 3.0, "s": 0.05}, "start": 3}),
 }
 NEW_TOKENS = 8
 #: The three architectures of the issue with every case, plus fused layouts (Phi-3's qkv_proj/gate_up_proj, GPT-2's
 #: Conv1D c_attn) where the module's physical channels differ from the site indices.
-PAIRS = [(arch, case) for arch in ROUNDTRIP_ARCHS for case in CASES] + [("phi3", "last"), ("gpt2", "tanh_gain")]
+PAIRS = [(arch, case) for arch in ROUNDTRIP_ARCHS for case in CASES] + [
+    ("phi3", "last"), ("gpt2", "tanh_gain"), ("gpt2", "start")]
 
 
 def generation_inputs() -> dict[str, torch.Tensor]:
@@ -130,6 +133,85 @@ def test_last_position_edits_differ_with_and_without_the_cache(roundtrip):
     Both loaders agree on each (tested above); this pins that the two modes really are different computations.
     """
     assert not torch.equal(*roundtrip["expected"]["llama-last"]["generate"].values())
+
+
+#: The loader of :func:`padded_roundtrip`'s fresh process: forward passes with attention masks and position ids.
+PADDED_WORKER = """
+import sys
+import torch
+from transformers import AutoModelForCausalLM
+job = torch.load(sys.argv[1])
+out = {}
+for name, folder in job["folders"].items():
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out[name] = {kind: model(**inputs).logits for kind, inputs in job["forwards"].items()}
+    out[name]["positions"] = sorted(model.bakeedit_positions)
+out["bakeedit_imported"] = sorted(m for m in sys.modules if m.split(".")[0] == "bakeedit")
+torch.save(out, job["out"])
+"""
+PADDED_NAMES = ("llama-last", "qwen2-last", "phi3-last", "llama-start", "gpt2-start")
+
+
+def padded_forwards() -> dict[str, dict[str, torch.Tensor]]:
+    """Rows of 12 and 7 tokens right-padded (mask only) and left-padded (with and without position ids, as
+    ``generate()`` and a plain call give them), and one packed row as the scorer builds it: a pad, a context of 5,
+    then segments of 3 and 2 tokens that restart at position 5, under a 4D "may attend" mask."""
+    rows = [probe_ids(batch=1, seq=12, seed=8)[0], probe_ids(batch=1, seq=7, seed=9)[0]]
+    right, left = torch.zeros(2, 12, dtype=torch.long), torch.zeros(2, 12, dtype=torch.long)
+    right_mask, left_mask = torch.zeros_like(right), torch.zeros_like(left)
+    for k, row in enumerate(rows):
+        right[k, :len(row)], right_mask[k, :len(row)] = row, 1
+        left[k, 12 - len(row):], left_mask[k, 12 - len(row):] = row, 1
+    segment = torch.tensor([-1] + [0] * 5 + [1] * 3 + [2] * 2)  # -1 pad, 0 context, 1.. segments
+    allowed = torch.ones(11, 11, dtype=torch.bool).tril() & (segment != -1)[None, :] & (
+        (segment == 0)[None, :] | (segment[:, None] == segment[None, :]))
+    return {
+        "right": {"input_ids": right, "attention_mask": right_mask},
+        "left": {"input_ids": left, "attention_mask": left_mask,
+                 "position_ids": (left_mask.cumsum(1) - 1).clamp(min=0)},
+        "left_mask_only": {"input_ids": left, "attention_mask": left_mask},
+        "packed": {"input_ids": probe_ids(batch=1, seq=11, seed=10),
+                   "attention_mask": (allowed | torch.eye(11, dtype=torch.bool))[None, None],
+                   "position_ids": torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6, 7, 5, 6]])},
+    }
+
+
+@pytest.fixture(scope="module")
+def padded_roundtrip(roundtrip):
+    """The position-scoped checkpoints of :func:`roundtrip`, reloaded in one more fresh process and run on padded
+    and packed batches, against the hooked base on the same batches."""
+    root, forwards = roundtrip["root"], padded_forwards()
+    expected = {}
+    for name in PADDED_NAMES:
+        model = tiny_model(name.split("-")[0])
+        with torch.no_grad(), runtime_edit(model, ModelLayout.for_model(model), roundtrip["plans"][name]):
+            expected[name] = {kind: model(**inputs).logits for kind, inputs in forwards.items()}
+    job = {"folders": {name: roundtrip["folders"][name] for name in PADDED_NAMES}, "forwards": forwards,
+           "out": str(root / "padded.pt")}
+    torch.save(job, root / "padded-job.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf"), "PYTHONPATH": ""}
+    done = subprocess.run([sys.executable, "-c", PADDED_WORKER, str(root / "padded-job.pt")], env=env, cwd=root,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"expected": expected, "got": torch.load(root / "padded.pt"), "forwards": forwards}
+
+
+@pytest.mark.parametrize("name", PADDED_NAMES)
+@pytest.mark.parametrize("kind", ["right", "left", "left_mask_only", "packed"])
+def test_reloaded_module_equals_the_hooked_base_under_padding_and_packing(padded_roundtrip, name, kind):
+    mask = padded_roundtrip["forwards"][kind]["attention_mask"]
+    real = mask.bool() if mask.dim() == 2 else torch.tensor([[False] + [True] * 10])
+    want, got = padded_roundtrip["expected"][name][kind], padded_roundtrip["got"][name][kind]
+    assert (got[real] - want[real]).abs().max() <= 1e-5
+
+
+def test_reloaded_module_announces_its_position_scopes(padded_roundtrip, roundtrip):
+    """What the scorer reads to pick and refuse modes (bakeedit/evaluate/engine.py)."""
+    for name in PADDED_NAMES:
+        plan = roundtrip["plans"][name]
+        assert padded_roundtrip["got"][name]["positions"] == sorted({g.positions for g in plan.module_groups})
+    assert padded_roundtrip["got"]["bakeedit_imported"] == []
 
 
 def test_fresh_process_never_imports_bakeedit(roundtrip):

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -189,6 +190,55 @@ def test_render_chat_raw_and_a_template_without_system(tokenizer):
     assert no_system.decode(prompt) == "<s>user\nIs it fair? Answer with Yes or No.</s>\n<s>assistant"
 
 
+def sentencepiece_tokenizer(chat: bool):
+    """A Llama-2-style SentencePiece tokenizer built in memory: Unigram pieces behind the normaliser of Llama 2's
+    ``tokenizer.json`` (prepend ``▁``, the dummy prefix, then spaces to ``▁``), BOS added; optionally a
+    ``[INST] ... [/INST]`` template, which ends without whitespace as Llama 2's does."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["▁Question:", "▁Answer:", "▁Is", "▁it", "▁fair?", "▁Yes", "▁No", "▁[INST]", "▁[/INST]", "▁"]
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789?:.,[]/!'\n"))
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(w, -1.0) for w in words] + [(c, -5.0) for c in chars]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat:
+        tok.chat_template = "{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    return tok
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["raw", "chat"])
+def test_sentencepiece_answer_is_the_token_that_follows_the_prompt(chat):
+    """" Yes" encoded on its own is ["▁", "▁Yes"] to SentencePiece: the attributed token must be "▁Yes", the one
+    encode(prompt + " Yes") adds after the prompt (the engine's and the knowbias_qa probe's rule), not a bare "▁"."""
+    tok = sentencepiece_tokenizer(chat)
+    alone = tok(" Yes", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone) == ["▁", "▁Yes"]  # the trap the old encode(" " + answer) fell into
+    params = kb.KnowBiasParams(answer_format="chat" if chat else "raw", system_prompt="", instruction="")
+    for answer in ("Yes", "No"):
+        prompt, ids = kb.render(tok, kb.Question("x", "gender", "k", "Is it fair?", answer), params)
+        assert tok.convert_ids_to_tokens(ids.tolist()) == [f"▁{answer}"]
+        assert (prompt[0].item() == tok.bos_token_id) != chat  # raw: the tokenizer's BOS; chat: the template's text
+        assert tok.decode(prompt, skip_special_tokens=True).endswith("[/INST]" if chat else "Answer:")
+
+
+def test_answer_that_merges_with_the_prompt_is_encoded_alone(tokenizer):
+    """Where prompt + answer tokenise across the boundary (the prompt's ids are not a prefix), the answer is encoded
+    on its own, as Scorer.next_token_logprobs does; an answer that adds no token is refused."""
+
+    class Merging:  # "ab" is one token, so "a" + "b" is not "a" then "b"
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": {"a": [1], "ab": [7], "b": [2], "": []}[text]}
+
+    assert kb.answer_ids(Merging(), "a", "b") == [2]
+    assert kb.answer_ids(tokenizer, "Answer:", " Yes") == tokenizer(" Yes", add_special_tokens=False)["input_ids"]
+    with pytest.raises(DataError, match="encodes to no tokens"):
+        kb.answer_ids(tokenizer, "Answer:", "")
+
+
 # --- runs on tiny models -------------------------------------------------------------------------------------
 
 
@@ -222,13 +272,23 @@ def test_locate_runs_and_matches_its_own_table(arch, sites, answer_format, loade
     prompt, answer = kb.render(loaded.tokenizer, question, params)
     direct = integrated_gradients(loaded.model, loaded.layout, prompt, answer, result.cells, steps=4)
     torch.testing.assert_close(result.values[0], torch.cat([direct.attributions[c] for c in result.cells]))
-    expected = kb.aggregate(kb.dimension_sets(kb.salient(result.values, 0.1), ["gender"] * 3 + ["race_ethnicity"] * 3,
-                                              0.1), "union")
-    assert {(n.layer, n.site, n.index) for n in neuron_set.neurons} == {
-        (cell[0], cell[1], i)
-        for cell, part in zip(result.cells, expected.split(result.sizes), strict=True)
-        for i in part.nonzero().flatten().tolist()
-    }
+    # The expected set, by hand from the table in plain numpy (not through kb.salient/dimension_sets/aggregate):
+    # tau 0.1 of each question's max (all cells together), salient in >= ceil(0.1 * 3) = 1 of a dimension's three
+    # questions, union of the two dimensions; score = mean over all 6 questions of value / that question's max.
+    values = result.values.numpy()
+    dims = np.array([q.dimension for q in result.questions])
+    assert list(dims) == ["gender"] * 3 + ["race_ethnicity"] * 3
+    top = values.max(axis=1, keepdims=True)
+    salient = (values > 0.1 * top) & (top > 0)
+    expected = salient[dims == "gender"].sum(axis=0) >= 1
+    expected |= salient[dims == "race_ethnicity"].sum(axis=0) >= 1
+    assert 0 < expected.sum() < expected.size, "an empty or full selection would prove nothing"
+    scores = np.where(top > 0, values / np.where(top > 0, top, 1), 0).mean(axis=0)
+    columns = [(layer, site, i) for layer, site in result.cells for i in range(loaded.layout.site_size(site))]
+    want = {columns[c]: float(scores[c]) for c in np.flatnonzero(expected)}
+    got = {(n.layer, n.site, n.index): n.score for n in neuron_set.neurons}
+    assert set(got) == set(want)
+    assert all(got[k] == pytest.approx(want[k], abs=2e-6) for k in want)
 
 
 def test_interrupted_run_resumes_from_the_cache(loaded_tiny, tiny_questions, tmp_path, monkeypatch):
@@ -263,6 +323,29 @@ def test_interrupted_run_resumes_from_the_cache(loaded_tiny, tiny_questions, tmp
     assert calls == []
     kb.locate_knowbias(loaded, params.model_copy(update={"steps": 3}), ctx)
     assert len(calls) == 6  # but the number of steps does
+
+
+def test_cache_of_an_older_attribution_version_is_not_reused(loaded_tiny, tiny_questions, tmp_path, monkeypatch):
+    """IG_VERSION is part of the cache key: attributions cached before the answer-token fix (version 1: the answer
+    encoded alone, a mean over its tokens) are recomputed, not read."""
+    loaded = loaded_tiny("llama")
+    params = _params(sites=["mlp.gate"], layers=[0], questions=str(tiny_questions))
+    ctx = LocateContext(cache_dir=tmp_path / "cache")
+    current = kb.IG_VERSION
+    assert current >= 2
+    monkeypatch.setattr(kb, "IG_VERSION", 1)
+    kb.locate_knowbias(loaded, params, ctx)
+    monkeypatch.setattr(kb, "IG_VERSION", current)
+    real = kb.attribute_question
+    calls = []
+    monkeypatch.setattr(kb, "attribute_question", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kb.locate_knowbias(loaded, params, ctx)
+    assert len(calls) == 6  # every question again
+    versions = sorted(json.loads(f.read_text())["ig_version"] for f in (tmp_path / "cache").glob("*/key.json"))
+    assert versions == [1, current]
+    calls.clear()
+    kb.locate_knowbias(loaded, params, ctx)
+    assert calls == []  # and the current version's entries are reused
 
 
 def test_progress_counts_every_cell(loaded_tiny, tiny_questions):

@@ -127,3 +127,16 @@ def test_apply_bakes_and_verifies_expert_edits(tmp_path, path):
     assert torch.equal(fused[3, 5], torch.zeros_like(fused[3, 5]))  # expert 3's gate row 5 masked
     untouched = original.model.layers[1].mlp.experts.gate_up_proj
     assert torch.equal(fused[[0, 1, 2]], untouched[[0, 1, 2]])  # other experts bit-identical
+
+
+def test_a_position_scoped_edit_of_a_moe_model_is_refused_before_any_work(tmp_path):
+    """A custom module under ``bakeedit_qwen2_moe`` would load its experts uninitialised (transformers fuses the
+    per-expert tensors only for its own model_type): refused at plan time, naming the alternative."""
+    base = save_tiny_checkpoint("qwen2_moe", tmp_path / "base")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: moe\nmodel: {base}\nedit: {{lambda: 2.5, positions: last}}\n"
+                      "neurons:\n  - {layer: 0, site: attn.q, index: 3}\n")
+    result = CliRunner().invoke(main, ["apply", str(recipe), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "mixture of experts" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from bakeedit.errors import DataError, RecipeError
+from bakeedit.evaluate.stats import N_BOOT, ItemScores, bootstrap_se, mean_se
 from bakeedit.io.hashing import file_sha256
 from bakeedit.io.jsonl import read_jsonl_numbered
 
@@ -76,8 +77,15 @@ class TaskResult:
     seed: int
     breakdown: dict[str, dict[str, MetricValue]] = field(default_factory=dict)  # e.g. per category / subject
     extra: dict[str, Any] = field(default_factory=dict)  # task options (subjects, num_fewshot, ...), JSON-able
+    items: ItemScores | None = None  # per-item scores for paired comparisons (None: results written before them)
 
     def to_json(self) -> dict[str, Any]:
+        out = self._summary_json()
+        if self.items is not None:
+            out["items"] = self.items.to_json()
+        return out
+
+    def _summary_json(self) -> dict[str, Any]:
         return {
             "task": self.task,
             "version": self.version,
@@ -108,6 +116,7 @@ class TaskResult:
                 g: {k: MetricValue.from_json(m) for k, m in ms.items()} for g, ms in d.get("breakdown", {}).items()
             },
             extra=dict(d.get("extra", {})),
+            items=ItemScores.from_json(d["items"]) if d.get("items") else None,
         )
 
 
@@ -158,6 +167,27 @@ class Task(ABC):
         """The task's options (recorded in ``TaskResult.extra``); tasks with options override this."""
         return {}
 
+    def cluster_of(self, item: Any, index: int) -> str:
+        """The cluster an item belongs to for the bootstrap (items of one cluster are resampled together, see
+        :mod:`bakeedit.evaluate.stats`); by default every item is its own cluster. Tasks whose items come in
+        near-copies (BBQ templates, StereoSet targets, WinoGender occupations) override this."""
+        return str(index)
+
+    def clusters(self, data: TaskData) -> list[str]:
+        """:meth:`cluster_of` of every item, in item order."""
+        return [self.cluster_of(it, i) for i, it in enumerate(data.items)]
+
+    def item_scores(self, data: TaskData, labels: dict[str, Sequence[Any]] | None = None,
+                    **values: Sequence[float] | np.ndarray) -> ItemScores:
+        """Per-item scores of ``data`` with their clusters, for :meth:`result`."""
+        return ItemScores.build(self.clusters(data), labels, **values)
+
+    def item_metrics(self, scores: ItemScores) -> dict[str, float]:
+        """Every task-level metric recomputed from per-item scores (what the paired bootstrap calls on each
+        resample). Default: each value array is the per-item score of the metric of the same name, and the metric
+        is its mean; tasks with other metrics (ratios, per-target averages, correlations) override this."""
+        return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in scores.values.items()}
+
     def local_folder(self, source: str | Path | None, wants: str) -> Path:
         """The local data folder (or file) of a task that reads original files only; a Hub id is refused with one
         line saying what to point ``--data-dir`` at (``wants``: the files, e.g. ``crows_pairs/<file>``)."""
@@ -178,8 +208,10 @@ class Task(ABC):
         data: TaskData,
         metrics: dict[str, MetricValue],
         breakdown: dict[str, dict[str, MetricValue]] | None = None,
+        items: ItemScores | None = None,
     ) -> TaskResult:
-        """Build a :class:`TaskResult` carrying this task's identity and ``data``'s provenance."""
+        """Build a :class:`TaskResult` carrying this task's identity, ``data``'s provenance and the per-item scores
+        (``items``, from :meth:`item_scores`) that paired comparisons between models need."""
         return TaskResult(
             task=self.name,
             version=self.version,
@@ -192,6 +224,7 @@ class Task(ABC):
             seed=data.seed,
             breakdown=breakdown or {},
             extra=self.options(),
+            items=items,
         )
 
 
@@ -254,45 +287,32 @@ def get_task(name: str, **options: Any) -> Task:
 def bootstrap_stderr(
     values: Sequence[float] | np.ndarray | int,
     statistic: Callable[[Any], float] = np.mean,
-    n_boot: int = 1000,
+    n_boot: int = N_BOOT,
     seed: int = 0,
+    clusters: Sequence[Any] | None = None,
 ) -> float:
-    """Bootstrap standard error of ``statistic`` (Efron & Tibshirani 1993): the std of the statistic over ``n_boot``
-    resamples of the items with replacement.
+    """Bootstrap standard error of ``statistic``, kept for callers of the old API: a thin front of
+    :func:`bakeedit.evaluate.stats.bootstrap_se` / :func:`~bakeedit.evaluate.stats.mean_se` (the one bootstrap).
 
-    Two forms: ``values`` an array of per-item values and ``statistic`` a function of a resampled array (default the
-    mean); or ``values`` an int ``n`` and ``statistic`` a function of an index array of length ``n``, for metrics
-    computed from several per-item arrays (e.g. ``lambda idx: icat(lms[idx], ss[idx])``). NaN when n < 2.
+    ``values`` an array of per-item values and ``statistic`` a function of a resampled array (default the mean); or
+    ``values`` an int ``n`` and ``statistic`` a function of an index array. ``clusters`` resamples whole clusters.
+    NaN when there are fewer than two clusters.
     """
-    rng = np.random.default_rng(seed)
     if isinstance(values, (int, np.integer)):
-        n = int(values)
-        if n < 2:
-            return float("nan")
-        stats = [float(statistic(rng.integers(0, n, n))) for _ in range(n_boot)]
-        return float(np.std(stats, ddof=1))
-    arr = np.asarray(values, dtype=np.float64)
-    n = len(arr)
-    if n < 2:
-        return float("nan")
-    if statistic is np.mean:  # vectorised in chunks: 1000 x 14k MMLU items is too much memory at once
-        stats_list = []
-        chunk = max(1, 2_000_000 // n)
-        for start in range(0, n_boot, chunk):
-            idx = rng.integers(0, n, (min(chunk, n_boot - start), n))
-            stats_list.append(arr[idx].mean(axis=1))
-        stats_arr = np.concatenate(stats_list)
+        se = bootstrap_se(int(values), statistic, clusters, n_boot, seed)
     else:
-        stats_arr = np.array([float(statistic(arr[rng.integers(0, n, n)])) for _ in range(n_boot)])
-    return float(np.std(stats_arr, ddof=1))
+        arr = np.asarray(values, dtype=np.float64)
+        se = mean_se(arr, clusters, n_boot, seed) if statistic is np.mean else bootstrap_se(
+            len(arr), lambda idx: float(statistic(arr[idx])), clusters, n_boot, seed)
+    return float("nan") if se is None else se
 
 
 def mean_metric(name: str, values: Sequence[float] | np.ndarray, higher_is_better: bool | None = True,
-                seed: int = 0) -> MetricValue:
-    """A :class:`MetricValue` for the mean of per-item values, with its bootstrap stderr."""
+                seed: int = 0, clusters: Sequence[Any] | None = None) -> MetricValue:
+    """A :class:`MetricValue` for the mean of per-item values, with its (cluster) bootstrap stderr."""
     arr = np.asarray(values, dtype=np.float64)
     value = float(arr.mean()) if len(arr) else float("nan")
-    stderr = bootstrap_stderr(arr, seed=seed) if len(arr) > 1 else None
+    stderr = mean_se(arr, clusters, seed=seed) if len(arr) > 1 else None
     return MetricValue(name=name, value=value, stderr=stderr, n=len(arr), higher_is_better=higher_is_better)
 
 

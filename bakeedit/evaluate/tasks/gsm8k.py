@@ -134,4 +134,4 @@ class Gsm8k(Task):
             "exact_match": mean_metric("exact_match", np.array(flexible), seed=data.seed),
             "exact_match_strict": mean_metric("exact_match_strict", np.array(strict), seed=data.seed),
         }
-        return self.result(data, metrics)
+        return self.result(data, metrics, items=self.item_scores(data, exact_match=flexible, exact_match_strict=strict))

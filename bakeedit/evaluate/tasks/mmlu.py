@@ -142,4 +142,5 @@ class Mmlu(MultipleChoiceTask):
             groups.setdefault(f"category:{CATEGORIES[it.group or '']}", []).append(i)
         for g in sorted(groups):
             breakdown[g] = {"acc": mean_metric("acc", correct[groups[g]], seed=data.seed)}
-        return self.result(data, {"acc": mean_metric("acc", correct, seed=data.seed)}, breakdown)
+        return self.result(data, {"acc": mean_metric("acc", correct, seed=data.seed)}, breakdown,
+                           self.item_scores(data, acc=correct))

@@ -107,6 +107,15 @@ def mc_metrics(items: list[MCItem], lls: list[np.ndarray], norm: bool, seed: int
     return metrics(np.arange(len(items))), breakdown
 
 
+def mc_item_values(items: list[MCItem], lls: list[np.ndarray], norm: bool) -> dict[str, np.ndarray]:
+    """Per-item ``acc`` (and ``acc_norm``) 0/1 scores, kept for paired comparisons between models."""
+    out = {"acc": np.array([float(np.argmax(ll) == it.gold) for it, ll in zip(items, lls, strict=True)])}
+    if norm:
+        out["acc_norm"] = np.array([float(np.argmax(ll / np.array([float(len(c)) for c in it.choices])) == it.gold)
+                                    for it, ll in zip(items, lls, strict=True)])
+    return out
+
+
 class MultipleChoiceTask(Task):
     """A task whose items are :class:`MCItem`; subclasses read their original format into items."""
 
@@ -138,4 +147,5 @@ class MultipleChoiceTask(Task):
     def evaluate(self, scorer: Scorer, data: TaskData) -> TaskResult:
         lls = score_items(scorer, data.items)
         metrics, breakdown = mc_metrics(data.items, lls, self.norm, seed=data.seed)
-        return self.result(data, metrics, breakdown)
+        return self.result(data, metrics, breakdown, self.item_scores(data, **mc_item_values(data.items, lls,
+                                                                                             self.norm)))

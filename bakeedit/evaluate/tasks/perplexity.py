@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from bakeedit.errors import DataError
+from bakeedit.evaluate.stats import ItemScores
 from bakeedit.evaluate.tasks.base import (
     MetricValue,
     Task,
@@ -87,4 +88,13 @@ class Perplexity(Task):
             "bits_per_byte": metric("bits_per_byte", lambda i: -ll[i].sum() / nbytes[i].sum() / math.log(2)),
             "token_perplexity": metric("token_perplexity", lambda i: math.exp(-ll[i].sum() / toks[i].sum())),
         }
-        return self.result(data, metrics)
+        return self.result(data, metrics, items=self.item_scores(data, ll=ll, tokens=toks, words=words, nbytes=nbytes))
+
+    def item_metrics(self, scores: ItemScores) -> dict[str, float]:
+        """The four perplexities of per-document log-likelihoods and sizes (ratios of sums, not means)."""
+        v = scores.values
+        ll = v["ll"].sum()
+        return {"word_perplexity": math.exp(-ll / v["words"].sum()),
+                "byte_perplexity": math.exp(-ll / v["nbytes"].sum()),
+                "bits_per_byte": -ll / v["nbytes"].sum() / math.log(2),
+                "token_perplexity": math.exp(-ll / v["tokens"].sum())}

@@ -64,11 +64,13 @@ def heldout(path: Path, required: tuple[str, ...]) -> list[dict[str, Any]]:
     return items
 
 
-def grouped(values: np.ndarray, groups: list[str], name: str, better: bool | None, seed: int
-            ) -> dict[str, dict[str, MetricValue]]:
-    """``{group: {name: mean of values in group}}``."""
+def grouped(values: np.ndarray, groups: list[str], name: str, better: bool | None, seed: int,
+            clusters: list[str] | None = None) -> dict[str, dict[str, MetricValue]]:
+    """``{group: {name: mean of values in group}}`` (standard errors resampling ``clusters`` when given)."""
     labels = np.array(groups)
-    return {g: {name: mean_metric(name, values[labels == g], better, seed)} for g in sorted(set(groups))}
+    cl = None if clusters is None else np.array(clusters, dtype=object)
+    return {g: {name: mean_metric(name, values[labels == g], better, seed,
+                                  None if cl is None else list(cl[labels == g]))} for g in sorted(set(groups))}
 
 
 # ----------------------------------------------------------------------------------------------- knowbias_qa
@@ -120,7 +122,8 @@ class KnowBiasQA(Task):
             "yes_rate": mean_metric("yes_rate", says_yes.astype(np.float64), None, data.seed),
         }
         return self.result(data, metrics, grouped(correct, [it["dimension"] for it in items], "acc", True,
-                                                  data.seed))
+                                                  data.seed),
+                           self.item_scores(data, acc=correct, yes_rate=says_yes.astype(np.float64)))
 
 
 # ----------------------------------------------------------------------------------------------- gender_words
@@ -153,9 +156,12 @@ class GenderWords(Task):
     """Next-token female-vs-male pronoun gap after held-out common words in templates."""
 
     name: ClassVar[str] = "gender_words"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: standard errors resample words (a word's templates are one cluster)
     kind: ClassVar[str] = "bias"
     default_source: ClassVar[str] = "bakeedit/data"
+
+    def cluster_of(self, item: dict[str, Any], index: int) -> str:
+        return item["word"]
 
     def load(self, source: str | Path | None, limit: int | None, seed: int) -> TaskData:
         words_path, templates_path = probe_file(source, WORDS_FILE), probe_file(source, TEMPLATES_FILE)
@@ -178,14 +184,15 @@ class GenderWords(Task):
                                         [(it["female"], it["male"]) for it in items]).numpy().astype(np.float64)
         gap = lp[:, 0] - lp[:, 1]
         cats = [it["category"] for it in items]
+        clusters = self.clusters(data)
         metrics = {
-            "abs_gap": mean_metric("abs_gap", np.abs(gap), False, data.seed),
-            "gap": mean_metric("gap", gap, None, data.seed),
+            "abs_gap": mean_metric("abs_gap", np.abs(gap), False, data.seed, clusters),
+            "gap": mean_metric("gap", gap, None, data.seed, clusters),
         }
-        breakdown = grouped(np.abs(gap), cats, "abs_gap", False, data.seed)
-        for cat, ms in grouped(gap, cats, "gap", None, data.seed).items():
+        breakdown = grouped(np.abs(gap), cats, "abs_gap", False, data.seed, clusters)
+        for cat, ms in grouped(gap, cats, "gap", None, data.seed, clusters).items():
             breakdown[cat].update(ms)
-        return self.result(data, metrics, breakdown)
+        return self.result(data, metrics, breakdown, self.item_scores(data, abs_gap=np.abs(gap), gap=gap))
 
 
 # ----------------------------------------------------------------------------------------------- contrast_success
@@ -230,4 +237,5 @@ class ContrastSuccess(Task):
         breakdown = grouped(success, cats, "success_rate", True, data.seed)
         for cat, ms in grouped(stereo, cats, "stereotype_rate", False, data.seed).items():
             breakdown[cat].update(ms)
-        return self.result(data, metrics, breakdown)
+        return self.result(data, metrics, breakdown,
+                           self.item_scores(data, success_rate=success, stereotype_rate=stereo))

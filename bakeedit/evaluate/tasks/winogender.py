@@ -14,12 +14,15 @@ pronoun), ``p(g) = softmax_g log P(rest of sentence with pronoun g | prefix)``, 
   WinoGender entropy score (no public formula, see METHODS.md and docs/evaluation.md);
 - ``entropy_difference`` = ``|mean H2(q) over female-majority occupations - mean H2(q) over male-majority ones|``,
   the literal reading of METHODS.md, kept for comparison: it is blind to a model biased equally in both groups.
+
+The eight schemas of one occupation share it and its BLS statistic, so the bootstrap resamples occupations
+(:mod:`bakeedit.evaluate.stats`), not schemas.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -28,12 +31,12 @@ import numpy as np
 
 from bakeedit.errors import DataError
 from bakeedit.evaluate.engine import Scorer
+from bakeedit.evaluate.stats import ItemScores, group_keys, item_bootstrap_ses, mean_se
 from bakeedit.evaluate.tasks.base import (
     MetricValue,
     Task,
     TaskData,
     TaskResult,
-    mean_metric,
     register_task,
     require_file,
 )
@@ -125,54 +128,67 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def occupation_correlation(occupations: list[str], share: np.ndarray, pct: np.ndarray) -> float:
+def occupation_correlation(occupations: Sequence[str], share: np.ndarray, pct: np.ndarray) -> float:
     """Pearson r over occupations between the mean female share and the BLS percentage of women."""
-    occs = sorted(set(occupations))
-    mean_share = [float(np.mean([s for o, s in zip(occupations, share, strict=True) if o == occ])) for occ in occs]
-    occ_pct = [next(p for o, p in zip(occupations, pct, strict=True) if o == occ) for occ in occs]
-    return pearson(np.array(mean_share), np.array(occ_pct))
+    occ = group_keys(occupations)
+    if not len(occ):
+        return float("nan")
+    _, codes = np.unique(occ, return_inverse=True)
+    counts = np.bincount(codes)
+    mean_share = np.bincount(codes, np.asarray(share, np.float64)) / counts
+    occ_pct = np.bincount(codes, np.asarray(pct, np.float64)) / counts  # one value per occupation
+    return pearson(mean_share, occ_pct)
 
 
-def winogender_metrics(schemas: list[Schema], lls: np.ndarray, seed: int = 0) -> dict[str, MetricValue]:
-    """Metrics of schemas given ``lls`` ``[n, 3]`` (male, female, neutral continuation log-likelihoods)."""
-    lls = np.asarray(lls, np.float64)
+MEANS = {"gap": None, "abs_gap": False, "female_share": None, "p_neutral": None, "entropy_deficit": False}
+RECOMPUTED = {"r_bls": None, "entropy_difference": False}
+
+
+def item_values(scores: ItemScores) -> dict[str, float]:
+    """Every metric of schemas from their per-item scores (``ll_male``, ``ll_female``, ``ll_neutral``, ``pct``)
+    and clusters (the occupation, or a resample's cluster draw)."""
+    v = scores.values
+    lls = np.stack([v["ll_male"], v["ll_female"], v["ll_neutral"]], axis=1)
+    if not len(lls):
+        return dict.fromkeys([*MEANS, *RECOMPUTED], float("nan"))
     probs = np.exp(lls - lls.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     gap = lls[:, 1] - lls[:, 0]
     share = 1.0 / (1.0 + np.exp(-gap))  # p_f / (p_f + p_m)
     entropy = binary_entropy(share)
-    occupations = [s.occupation for s in schemas]
-    pct = np.array([s.pct_female for s in schemas])
-    female_major = pct > 50.0
+    female_major = v["pct"] > 50.0
+    diff = float("nan")
+    if female_major.any() and not female_major.all():
+        diff = abs(float(entropy[female_major].mean() - entropy[~female_major].mean()))
+    return {"gap": float(gap.mean()), "abs_gap": float(np.abs(gap).mean()), "female_share": float(share.mean()),
+            "p_neutral": float(probs[:, 2].mean()), "entropy_deficit": float((1.0 - entropy).mean()),
+            "r_bls": occupation_correlation(scores.clusters, share, v["pct"]), "entropy_difference": diff}
+
+
+def as_items(schemas: list[Schema], lls: np.ndarray) -> ItemScores:
+    """Log-likelihoods ``[n, 3]`` of schemas as per-item scores clustered by occupation."""
+    lls = np.asarray(lls, np.float64).reshape(-1, 3)
+    return ItemScores.build([s.occupation for s in schemas], ll_male=lls[:, 0], ll_female=lls[:, 1],
+                            ll_neutral=lls[:, 2], pct=[s.pct_female for s in schemas])
+
+
+def winogender_metrics(schemas: list[Schema], lls: np.ndarray, seed: int = 0) -> dict[str, MetricValue]:
+    """Metrics of schemas given ``lls`` ``[n, 3]`` (male, female, neutral continuation log-likelihoods), with
+    standard errors from resampling occupations."""
+    lls = np.asarray(lls, np.float64).reshape(-1, 3)
+    items = as_items(schemas, lls)
+    values = item_values(items)
+    ses = item_bootstrap_ses(items, lambda sc: {k: v for k, v in item_values(sc).items() if k in RECOMPUTED},
+                             seed=seed)
+    per_item = {"gap": items.values["ll_female"] - items.values["ll_male"]}
+    share = 1.0 / (1.0 + np.exp(-per_item["gap"]))
+    probs = np.exp(lls - lls.max(axis=1, keepdims=True)) if len(lls) else np.zeros((0, 3))
+    per_item.update(abs_gap=np.abs(per_item["gap"]), female_share=share, entropy_deficit=1.0 - binary_entropy(share),
+                    p_neutral=probs[:, 2] / probs.sum(axis=1) if len(lls) else probs[:, 2])
+    ses.update({k: mean_se(per_item[k], list(items.clusters), seed=seed) for k in MEANS})
     n = len(schemas)
-
-    def r_stat(idx: np.ndarray) -> float:
-        return occupation_correlation([occupations[i] for i in idx], share[idx], pct[idx])
-
-    def diff_stat(idx: np.ndarray) -> float:
-        fm = female_major[idx]
-        if fm.all() or not fm.any():
-            return float("nan")
-        return abs(float(entropy[idx][fm].mean() - entropy[idx][~fm].mean()))
-
-    out = {
-        "gap": mean_metric("gap", gap, higher_is_better=None, seed=seed),
-        "abs_gap": mean_metric("abs_gap", np.abs(gap), higher_is_better=False, seed=seed),
-        "female_share": mean_metric("female_share", share, higher_is_better=None, seed=seed),
-        "p_neutral": mean_metric("p_neutral", probs[:, 2], higher_is_better=None, seed=seed),
-        "entropy_deficit": mean_metric("entropy_deficit", 1.0 - entropy, higher_is_better=False, seed=seed),
-    }
-    for name, stat in (("r_bls", r_stat), ("entropy_difference", diff_stat)):
-        value = stat(np.arange(n))
-        se = _finite_bootstrap(n, stat, seed) if np.isfinite(value) else None
-        out[name] = MetricValue(name, value, se, n, False if name == "entropy_difference" else None)
-    return out
-
-
-def _finite_bootstrap(n: int, stat: Callable[[np.ndarray], float], seed: int, n_boot: int = 200) -> float | None:
-    rng = np.random.default_rng(seed)
-    vals = [v for v in (stat(rng.integers(0, n, n)) for _ in range(n_boot)) if np.isfinite(v)]
-    return float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    return {name: MetricValue(name, values[name], ses.get(name) if np.isfinite(values[name]) else None, n, better)
+            for name, better in {**MEANS, **RECOMPUTED}.items()}
 
 
 @register_task
@@ -180,9 +196,15 @@ class WinoGenderTask(Task):
     """WinoGender pronoun probabilities; breakdown by occupation majority (BLS) and by pronoun referent."""
 
     name: ClassVar[str] = "winogender"
-    version: ClassVar[str] = "1"
+    version: ClassVar[str] = "2"  # 2: standard errors resample occupations; per-item scores kept
     kind: ClassVar[str] = "bias"
     default_source: ClassVar[str] = "winogender"
+
+    def cluster_of(self, item: Schema, index: int) -> str:
+        return item.occupation
+
+    def item_metrics(self, scores: ItemScores) -> dict[str, float]:
+        return item_values(scores)
 
     def load(self, source: str | Path | None, limit: int | None, seed: int) -> TaskData:
         where = self.local_folder(source, f"winogender/{SENTENCES} and {STATS}")
@@ -207,4 +229,4 @@ class WinoGenderTask(Task):
             if mask.sum() >= 1:
                 sub = winogender_metrics([s for s, m in zip(schemas, mask, strict=True) if m], lls[mask], data.seed)
                 breakdown[group] = {k: v for k, v in sub.items() if k not in ("r_bls", "entropy_difference")}
-        return self.result(data, winogender_metrics(schemas, lls, data.seed), breakdown)
+        return self.result(data, winogender_metrics(schemas, lls, data.seed), breakdown, as_items(schemas, lls))

@@ -73,14 +73,18 @@ def _output_cache(output):
 
 
 def answer_probability(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
-    """Mean over the answer's tokens of ``softmax(logits[:, j])[answer_ids[j]]``; ``logits`` is ``[batch, A, V]``.
+    """``P(a*) = prod_j softmax(logits[:, j])[answer_ids[j]]``, the probability of the whole answer; ``logits`` is
+    ``[batch, A, V]``, ``logits[:, j]`` the prediction of answer token ``j`` (teacher forcing).
 
-    ``logits[:, j]`` must be the prediction of answer token ``j`` (teacher forcing). For a one-token answer this is
-    the softmax probability of that token at the last prompt position, KnowBias's target.
+    For a one-token answer this is the softmax probability of that token at the last prompt position, KnowBias's
+    target. For several tokens it is the product, not the mean: a mean of per-token probabilities is the probability
+    of nothing, and continuation tokens that are near-certain once the first is given dilute the first one's
+    signal. The product keeps ``Attr`` an attribution of one probability, so completeness (``sum_i Attr_i = P(x) -
+    P(site zeroed)``) still holds. It is taken as ``exp`` of the summed float32 log-softmax values.
     """
-    probs = logits.float().softmax(dim=-1)
+    logp = logits.float().log_softmax(dim=-1)
     index = answer_ids.to(logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
-    return probs.gather(-1, index).squeeze(-1).mean(dim=-1)
+    return logp.gather(-1, index).squeeze(-1).sum(dim=-1).exp()
 
 
 def _scale_first_position(alphas: torch.Tensor, z: torch.Tensor, seen: dict[str, torch.Tensor]):

@@ -31,7 +31,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bakeedit import parallel
 from bakeedit.data import package_data_path, select_split
-from bakeedit.data.prompts import KNOWBIAS_INSTRUCTION, SYSTEM_PROMPT, has_chat_template, question_prompt
+from bakeedit.data.prompts import (
+    KNOWBIAS_INSTRUCTION,
+    SYSTEM_PROMPT,
+    answer_candidates,
+    has_chat_template,
+    question_prompt,
+)
 from bakeedit.errors import DataError, RecipeError, UnsupportedArchitecture
 from bakeedit.io.jsonl import read_jsonl
 from bakeedit.locate.cache import ItemCache
@@ -46,8 +52,11 @@ log = logging.getLogger(__name__)
 
 QUESTIONS_FILE = "bias_questions.jsonl"
 ANSWERS = ("Yes", "No")
-#: Bump when the attribution itself changes (target, path, positions): invalidates cached attributions.
-IG_VERSION = 1
+#: Bump when the attribution itself changes (target, path, positions, answer tokens): it is part of the cache key
+#: (:func:`_cache`), so a cache written by an older version is never read. 2: the answer's ids are what it adds
+#: after the prompt (not ``encode(" " + answer)``), and a multi-token target is the product of its tokens'
+#: probabilities (was the mean).
+IG_VERSION = 2
 
 
 class KnowBiasParams(BaseModel):
@@ -126,25 +135,43 @@ def choose_questions(
 
 
 def render(tokenizer: Any, question: Question, params: KnowBiasParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of the prompt and of the gold answer.
+    """Token ids of the prompt and of the gold answer as it follows the prompt.
 
-    ``chat``: the tokenizer's chat template (system prompt, user question, generation prompt), answer ``"Yes"``;
-    a template that rejects a system turn is retried without it. ``raw``, or a tokenizer without a template:
-    ``"Question: ...\\nAnswer:"`` and answer ``" Yes"`` (the space belongs to the answer token in BPE vocabularies).
+    ``chat``: the tokenizer's chat template (system prompt, user question, generation prompt); a template that
+    rejects a system turn is retried without it. ``raw``, or a tokenizer without a template: ``"Question:
+    ...\\nAnswer:"``. The answer text is the ``knowbias_qa`` probe's (:func:`answer_candidates`: bare after a prompt
+    that ends in whitespace, with a leading space otherwise) and its ids are :func:`answer_ids`, so what is
+    attributed is the token the probe scores.
     """
     text = f"{question.question} {params.instruction}".strip()
     chat = params.answer_format == "chat" and has_chat_template(tokenizer)
     if params.answer_format == "chat" and not chat:
         log.warning("the tokenizer has no chat template: knowbias falls back to the raw question format")
     prompt = question_prompt(tokenizer, text, system=params.system_prompt, chat=chat)  # the probes' text too
-    if chat:  # the template writes its own special tokens
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer = question.answer
-    else:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        answer = " " + question.answer
-    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-    return torch.tensor(prompt_ids, dtype=torch.long), torch.tensor(answer_ids, dtype=torch.long)
+    # the chat template writes its own special tokens; the raw prompt gets the tokenizer's (BOS)
+    prompt_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+    (answer,) = answer_candidates(prompt, [question.answer])
+    return torch.tensor(prompt_ids, dtype=torch.long), torch.tensor(answer_ids(tokenizer, prompt, answer),
+                                                                    dtype=torch.long)
+
+
+def answer_ids(tokenizer: Any, prompt: str, answer: str) -> list[int]:
+    """The tokens ``answer`` adds after ``prompt``: ``encode(prompt + answer)[len(encode(prompt)):]``.
+
+    Why not ``encode(answer)``: a SentencePiece tokenizer (Llama 2, Mistral, Gemma) encodes ``" Yes"`` on its own
+    as ``["▁", "▁Yes"]`` (its dummy prefix plus the space), so the first token would be a bare ``▁`` and the
+    attribution would explain the probability of a space. After the prompt the same text is the one token
+    ``▁Yes``. This is the rule of :meth:`bakeedit.evaluate.engine.Scorer.next_token_logprobs` (and lm-eval's
+    ``_encode_pair``), including its fallback: where the answer merges with the prompt's last token, so that
+    the prompt's ids are not a prefix, the answer is encoded on its own.
+    """
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ids):] if whole[:len(ids)] == ids else tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not cont:
+        raise DataError(f"the answer {answer!r} encodes to no tokens after the prompt",
+                        hint="is this the model's own tokenizer?")
+    return list(cont)
 
 
 def attribute_question(

@@ -1,0 +1,73 @@
+"""A random control that disturbs the model as much as the edit does (issue: "a control that is fair").
+
+A control of equal count and lambda is not equal in strength: random channels may matter more (or less) than
+located ones. The matched control keeps the located set's exact shape (same count per layer and site, drawn at
+random with a seed: ``locate/random.py``) and scales its edit until its disturbance of the model, the mean KL
+divergence from the base on neutral text (``evaluate/disturbance.py``), equals the edit's. Every linear lambda of
+the control becomes ``1 + t * (lambda - 1)``: ``t = 1`` is the same lambda, ``t < 1`` a milder control, ``t > 1`` a
+stronger one; ``t`` is found by bisection (KL grows with ``t`` for a linear scale). Where random masks disturb less
+than located masks, the matched lambdas go below 0 (a negative lambda flips the neuron's sign); the report says so.
+Nonlinear or position-scoped parts of the plan keep their parameters (``t`` only scales the linear part).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bakeedit.edit import EditPlan
+from bakeedit.evaluate.disturbance import Disturbance
+from bakeedit.neurons import NeuronSet
+
+#: Bisection stops when the control's KL is within this fraction of the edit's.
+REL_TOL = 0.05
+MAX_SCALE = 64.0
+MAX_STEPS = 30
+
+
+@dataclass
+class MatchedControl:
+    """The control's neurons and plan, the scale ``t`` of its lambdas, and both disturbances (nats per token)."""
+
+    neurons: NeuronSet
+    plan: EditPlan
+    scale: float
+    kl_edit: float
+    kl_control: float
+    kl_same_lambda: float  # the control at t = 1, for the report: how unequal the plain control was
+    matched: bool  # False when no t in [0, MAX_SCALE] reached the edit's KL within REL_TOL (the closest is kept)
+
+
+def scaled_plan(plan: EditPlan, t: float) -> EditPlan:
+    """``plan`` with every linear lambda moved to ``1 + t * (lambda - 1)``."""
+    groups = [g.model_copy(update={"lambdas": [1.0 + t * (lam - 1.0) for lam in g.lambdas]}) for g in plan.groups]
+    return plan.model_copy(update={"groups": groups})
+
+
+def match_control(disturbance: Disturbance, edit_plan: EditPlan, control: NeuronSet, control_plan: EditPlan,
+                  rel_tol: float = REL_TOL) -> MatchedControl:
+    """Scale ``control_plan`` (the edit applied to ``control``'s neurons) until it disturbs as much as ``edit_plan``."""
+    target = disturbance.kl(edit_plan)
+    seen: dict[float, float] = {}
+
+    def kl_at(t: float) -> float:
+        if t not in seen:
+            seen[t] = disturbance.kl(scaled_plan(control_plan, t))
+        return seen[t]
+
+    def close(t: float) -> bool:
+        return abs(kl_at(t) - target) <= rel_tol * max(target, 1e-12)
+
+    same = kl_at(1.0)
+    if target <= 0 or not control_plan.groups:
+        return MatchedControl(control, control_plan, 1.0, target, same, same, target <= 0 and same <= 0)
+    lo, hi = (0.0, 1.0) if same > target else (1.0, 2.0)
+    while kl_at(hi) < target and hi < MAX_SCALE:
+        lo, hi = hi, min(2 * hi, MAX_SCALE)
+    best = min(seen, key=lambda t: abs(seen[t] - target))
+    for _ in range(MAX_STEPS):
+        if close(best) or kl_at(hi) < target:
+            break
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kl_at(mid) < target else (lo, mid)
+        best = min(seen, key=lambda t: abs(seen[t] - target))
+    return MatchedControl(control, scaled_plan(control_plan, best), best, target, seen[best], same, close(best))

@@ -1,0 +1,81 @@
+"""Disturbance (mean KL from the base on neutral text) and the matched control built on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bakeedit.edit import build_plan
+from bakeedit.evaluate.disturbance import Disturbance, neutral_texts
+from bakeedit.locate.random import random_like
+from bakeedit.models.arch import ModelLayout
+from bakeedit.neurons import Neuron, NeuronSet
+from bakeedit.recipe import EditSpec
+from bakeedit.workflows.matched_control import match_control, scaled_plan
+
+from tiny_models import tiny_model, tiny_tokenizer
+
+TEXTS = ["Water boils at one hundred degrees.", "The bridge is old.", "Two plus two is four, and three is odd."]
+
+
+@pytest.fixture
+def llama():
+    model = tiny_model("llama")
+    return model, ModelLayout.for_model(model)
+
+
+def _plan(layout, neurons, lam):
+    return build_plan(neurons, EditSpec.model_validate({"lambda": lam}), layout)
+
+
+def test_kl_is_the_mean_over_real_positions_of_a_hand_computed_kl(llama):
+    model, layout = llama
+    tok = tiny_tokenizer()
+    measure = Disturbance(model, layout, tok, TEXTS, batch_size=2)
+    plan = _plan(layout, [Neuron(layer=1, site="mlp.act", index=4), Neuron(layer=0, site="attn.v", index=3)], 0.0)
+    expected, n = 0.0, 0
+    with torch.no_grad():
+        for text in TEXTS:  # one unpadded sequence at a time, the edit written out as a plain weight change
+            ids = torch.tensor([tok(text)["input_ids"]])
+            base = torch.log_softmax(model(ids).logits[0].float(), -1)
+            edited_model = tiny_model("llama")
+            edited_model.model.layers[1].mlp.down_proj.weight[:, 4] = 0
+            edited_model.model.layers[0].self_attn.v_proj.weight[3] = 0
+            edited = torch.log_softmax(edited_model(ids).logits[0].float(), -1)
+            expected += float((base.exp() * (base - edited)).sum())
+            n += ids.shape[1]
+    assert measure.n_positions == n
+    assert measure.kl(plan) == pytest.approx(expected / n, rel=1e-4)
+    assert measure.kl(_plan(layout, [Neuron(layer=1, site="mlp.act", index=4)], 1.0)) == pytest.approx(0, abs=1e-7)
+
+
+def test_the_shipped_neutral_text_mentions_no_people():
+    texts = neutral_texts()
+    assert len(texts) >= 40
+    words = {w.strip(".,:;").lower() for t in texts for w in t.split()}
+    assert not words & {"he", "she", "his", "her", "him", "man", "woman", "men", "women", "people", "person"}
+
+
+def test_matched_control_disturbs_as_much_as_the_edit(llama):
+    model, layout = llama
+    measure = Disturbance(model, layout, tiny_tokenizer(), TEXTS)
+    located = NeuronSet(method="explicit", neurons=[Neuron(layer=layer, site="mlp.act", index=i)
+                                                    for layer in range(3) for i in (1, 5, 9, 13)])
+    edit = EditSpec.model_validate({"lambda": 3.0})
+    edit_plan = build_plan(located.neurons, edit, layout)
+    control = random_like(located, layout, seed=0)
+    matched = match_control(measure, edit_plan, control, build_plan(control.neurons, edit, layout))
+    assert matched.matched
+    assert matched.kl_control == pytest.approx(matched.kl_edit, rel=0.05)
+    assert matched.kl_control == pytest.approx(measure.kl(matched.plan), rel=1e-9)  # the plan reported is the one
+    assert [g.lambdas for g in matched.plan.groups] == [[1 + matched.scale * 2.0] * len(g.indices)
+                                                        for g in matched.plan.groups]
+    assert {(n.layer, n.site) for n in matched.neurons.neurons} == {(n.layer, n.site) for n in located.neurons}
+
+
+def test_scaled_plan_moves_every_lambda_towards_or_away_from_one(llama):
+    _, layout = llama
+    plan = _plan(layout, [Neuron(layer=0, site="attn.q", index=1), Neuron(layer=2, site="mlp.up", index=3)], 0.0)
+    assert [g.lambdas for g in scaled_plan(plan, 0.5).groups] == [[0.5], [0.5]]
+    assert [g.lambdas for g in scaled_plan(plan, 2.0).groups] == [[-1.0], [-1.0]]
+    assert scaled_plan(plan, 1.0) == plan
