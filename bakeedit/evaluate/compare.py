@@ -132,6 +132,22 @@ def compare_run(run: Any, n_boot: int = N_BOOT) -> dict[str, dict[tuple[str, str
     return {task: compare_task(by_label, pairs, seed, n_boot) for task, by_label in by_task.items()}
 
 
+def bias_reductions(run: Any, comparisons: Mapping[str, Mapping[tuple[str, str], Mapping[str, Difference]]],
+                    edited: str, control: str = "control", alpha: float = ALPHA) -> list[tuple[str, str]]:
+    """``(task, metric)`` of every bias metric on which ``edited`` beats ``control`` (paired gain, p < ``alpha``):
+    the only metrics a card may say the edit reduces bias on. Empty without a control or per-item scores."""
+    kinds = {r.task: r.kind for results in run.results.values() for r in results}
+    found = []
+    for task, pairs in comparisons.items():
+        if kinds.get(task) != "bias":
+            continue
+        for name, d in pairs.get((edited, control), {}).items():
+            p = d.paired
+            if p is not None and p.gain is not None and p.gain_p is not None and p.gain > 0 and p.gain_p < alpha:
+                found.append((task, name))
+    return found
+
+
 def fmt_p(p: float) -> str:
     """``p=0.01``; three digits near the threshold, so a p of 0.0496 does not read as 0.05."""
     if p < 0.001:

@@ -36,6 +36,7 @@ from bakeedit.export.card_context import (
     EVAL_DIR,
     GENERATED_MARKER,
     HEATMAP_FILE,
+    MITIGATION_TAG,
     TAGS,
     CardContext,
 )
@@ -158,7 +159,7 @@ def card_data(ctx: CardContext):
         library_name="transformers",
         license=prov.base_model.license or "unknown",
         pipeline_tag="text-generation",
-        tags=[*TAGS, prov.neurons.method],
+        tags=[*TAGS, *([MITIGATION_TAG] if ctx.bias_reductions() else []), prov.neurons.method],
         model_name=ctx.model_name if results else None,
         eval_results=results or None,
     )

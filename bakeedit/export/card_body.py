@@ -11,7 +11,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from bakeedit.evaluate.compare import compare_run, comparison_pairs, verdict, verdict_pair
+from bakeedit.evaluate.compare import comparison_pairs, verdict, verdict_pair
 from bakeedit.evaluate.report import delta_cell, fmt, ideal_of, metric_label, ordered_labels
 from bakeedit.export.card_context import CARD_FILE, EVAL_DIR, GENERATED_MARKER, CardContext
 from bakeedit.models.arch import SITES
@@ -205,7 +205,16 @@ def evaluation(ctx: CardContext) -> list[str]:
               "direction), with the two-sided p-value of that gain; editing any neurons may move a score, so "
               "only a metric that beats the control is evidence for these neurons. The full report, per "
               f"category, is in [`{EVAL_DIR}/report.md`]({EVAL_DIR}/report.md)."]
-    comparisons = compare_run(ctx.run)
+    comparisons = ctx.comparisons()
+    reduced = ctx.bias_reductions()
+    if reduced:
+        lines += ["", "**The edit reduces bias** on " + ", ".join(f"{t} {m}" for t, m in reduced)
+                  + ": there it beats the random-neuron control (paired bootstrap, p < 0.05). On the other bias "
+                  "metrics it was not shown to."]
+    else:
+        why = ("no random-neuron control was evaluated" if "control" not in ctx.run.results
+               else "on no bias metric did it beat the random-neuron control (paired bootstrap, p < 0.05)")
+        lines += ["", f"**The edit was not shown to reduce bias**: {why}."]
     for kind, title in (("bias", "Bias"), ("capability", "Capability")):
         rows = _metric_rows(ctx, kind, labels, comparisons)
         lines += ["", f"### {title}", ""]

@@ -58,7 +58,8 @@ def test_front_matter_parses_with_one_model_index_metric_per_evaluated_metric(ev
     data = card.data
     assert data.library_name == "transformers" and data.license == "unknown"
     assert data.pipeline_tag == "text-generation"
-    assert {"bakeedit", "bias-mitigation", "neuron-editing", "explicit"} <= set(data.tags)
+    assert {"bakeedit", "neuron-editing", "explicit"} <= set(data.tags)
+    assert "bias-mitigation" not in data.tags  # these results carry no per-item scores: nothing beat the control
     assert data.base_model is None and "base_model_relation" not in data.to_dict()  # a local base has no Hub id
     raw = json.loads((evaluated / "eval" / "results.json").read_text())
     expected = {(r["task"], name): m["value"] for r in raw["results"]["edited"] for name, m in r["metrics"].items()
@@ -254,3 +255,39 @@ def test_card_says_per_metric_whether_the_edit_beats_the_control(tmp_path):
     rows = [ln for ln in text.split("## Evaluation")[1].split("### Data")[0].splitlines() if ln.startswith("| ")]
     assert rows and not any("†" in row for row in rows)  # every difference is paired
     assert "only a metric that beats the control is evidence" in text
+
+
+def _difference(gain: float, gain_p: float):
+    from bakeedit.evaluate.compare import Difference
+    from bakeedit.evaluate.stats import Paired
+
+    return Difference(gain, 0.1, Paired(delta=gain, se=0.1, p=gain_p, gain=gain, gain_p=gain_p, n_clusters=40))
+
+
+def test_only_bias_metrics_that_beat_the_control_count_as_reductions(tmp_path):
+    from bakeedit.evaluate.compare import bias_reductions
+
+    run = add_evaluation(bake(tmp_path))
+    comparisons = {
+        "crows_pairs": {("edited", "control"): {"pct_stereotype": _difference(3.0, 0.01)},
+                        ("edited", "base"): {"pct_stereotype": _difference(4.0, 0.001)}},
+        "bbq": {("edited", "control"): {"bias_ambig": _difference(0.02, 0.3), "acc": _difference(-0.1, 0.01)}},
+        "arc_easy": {("edited", "control"): {"acc": _difference(0.05, 0.001)}},  # capability: never a reduction
+    }
+    assert bias_reductions(run, comparisons, "edited") == [("crows_pairs", "pct_stereotype")]
+
+
+@pytest.mark.parametrize("reduced", [[("crows_pairs", "pct_stereotype")], []], ids=["beats-control", "not-shown"])
+def test_tags_and_wording_follow_the_verdict(tmp_path, monkeypatch, reduced):
+    from bakeedit.export import card_context
+
+    folder = bake(tmp_path)
+    record_evaluation(folder, folder / "eval", add_evaluation(folder))
+    monkeypatch.setattr(card_context.CardContext, "bias_reductions", lambda self: reduced)
+    card = ModelCard.load(write_card(folder))
+    assert ("bias-mitigation" in card.data.tags) == bool(reduced)
+    if reduced:
+        assert "**The edit reduces bias** on crows_pairs pct_stereotype" in card.text
+        assert "not shown to reduce bias" not in card.text
+    else:
+        assert "**The edit was not shown to reduce bias**" in card.text and "reduces bias** on" not in card.text
