@@ -22,6 +22,7 @@ from torch import nn
 from bakeedit.data import package_data_path
 from bakeedit.edit import EditPlan, runtime_edit
 from bakeedit.errors import DataError
+from bakeedit.io.jsonl import read_lines
 from bakeedit.models.arch import ModelLayout
 
 NEUTRAL_FILE = "neutral_text.txt"
@@ -29,15 +30,7 @@ NEUTRAL_FILE = "neutral_text.txt"
 
 def neutral_texts(path: Path | None = None) -> list[str]:
     """The neutral passages: one a line, ``#`` comments and blank lines skipped."""
-    path = Path(path) if path is not None else package_data_path(NEUTRAL_FILE)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such neutral text file") from exc
-    texts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not texts:
-        raise DataError(f"{path}: no passages (one a line; '#' starts a comment)")
-    return texts
+    return read_lines(Path(path) if path is not None else package_data_path(NEUTRAL_FILE), "neutral text")
 
 
 def _batches(tokenizer, texts: Sequence[str], batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:

@@ -1,4 +1,5 @@
-"""JSON Lines reading with line numbers: every bad line or missing field is a DataError naming the file and line.
+"""Line-oriented reading: JSON Lines with line numbers, and plain one-item-a-line text files. In JSON Lines every
+bad line or missing field is a DataError naming the file and line.
 
 The package's own probe data (``bakeedit/data``) and the benchmark loaders (``evaluate/tasks``) read through this,
 so a malformed file is reported the same way wherever it is read, and the file is read once.
@@ -48,3 +49,16 @@ def read_jsonl_numbered(path: Path, required: Sequence[str] = (), null_is_missin
 def read_jsonl(path: Path, required: Sequence[str] = ()) -> list[dict[str, Any]]:
     """The objects of a JSON Lines file (see :func:`read_jsonl_numbered`), without their line numbers."""
     return [item for _, item in read_jsonl_numbered(path, required)]
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """The non-blank lines of a text file that are not ``#`` comments, stripped (probe sentences, neutral text);
+    a missing or empty file is a DataError naming it and ``what`` it should hold."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: no such {what} file") from exc
+    found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not found:
+        raise DataError(f"{path}: no {what} (one a line; '#' starts a comment)")
+    return found

@@ -22,27 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from reliability_harness import Workspace, assert_one_clear_line, hidden_entries, make_workspace, run_cli, save_base
+from reliability_harness import Workspace, assert_one_clear_line, hidden_entries, run_cli
 from reliability_harness import snapshot as _snapshot
 
 NEURONS_BODY = "neurons:\n  - {layer: 0, site: attn.q, index: 3}\n  - {layer: 2, site: mlp.act, index: 7}\n"
 
 
-@pytest.fixture(scope="module")
-def base_template(tmp_path_factory) -> Path:
-    return save_base(tmp_path_factory.mktemp("faults-template") / "base")
-
-
-@pytest.fixture
-def ws(tmp_path, base_template, monkeypatch) -> Workspace:
-    """A fresh workspace; caches and $HOME live in it or beside it, never in the user's."""
-    workspace = make_workspace(tmp_path / "ws", base_template)
-    monkeypatch.setenv("HOME", str(workspace.home))
-    monkeypatch.setenv("BAKEEDIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))  # the card's heat map: no font cache in $HOME
-    return workspace
 
 
 def snapshot(ws: Workspace) -> dict[str, str]:

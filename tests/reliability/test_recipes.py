@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from reliability_harness import Workspace, assert_one_clear_line, make_workspace, run_cli, save_base, snapshot
+from reliability_harness import Workspace, assert_one_clear_line, run_cli, snapshot
 
 from bakeedit.errors import NeuronSetError
 from bakeedit.neurons import Neuron, NeuronSet, check_origin, neuron_capacity
@@ -31,20 +31,6 @@ from tiny_models import save_tiny_checkpoint
 NEURONS_BODY = "neurons:\n  - {layer: 0, site: attn.q, index: 3}\n  - {layer: 2, site: mlp.act, index: 7}\n"
 
 
-@pytest.fixture(scope="module")
-def base_template(tmp_path_factory) -> Path:
-    return save_base(tmp_path_factory.mktemp("recipes-template") / "base")
-
-
-@pytest.fixture
-def ws(tmp_path, base_template, monkeypatch) -> Workspace:
-    workspace = make_workspace(tmp_path / "ws", base_template)
-    monkeypatch.setenv("HOME", str(workspace.home))
-    monkeypatch.setenv("BAKEEDIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))  # the card's heat map: no font cache in $HOME
-    return workspace
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from typing import Any
 
 from bakeedit.data import package_data_path, select_split
 from bakeedit.errors import DataError
-from bakeedit.io.jsonl import read_jsonl
+from bakeedit.io.jsonl import read_jsonl, read_lines
 
 WORDS_FILE = "common_words.jsonl"
 TEMPLATES_FILE = "gender_word_templates.json"
@@ -148,15 +148,7 @@ def encode_prompts(tokenizer: Any, prompts: list[GenderPrompt], max_length: int 
 
 def load_probe_sentences(path: Path | None = None) -> list[str]:
     """Non-empty, non-comment lines of the capability probe file (default: the package's neutral sentences)."""
-    path = path or package_data_path(PROBE_FILE)
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such probe sentence file") from exc
-    sentences = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
-    if not sentences:
-        raise DataError(f"{path}: no sentences (one per line; '#' starts a comment)")
-    return sentences
+    return read_lines(Path(path or package_data_path(PROBE_FILE)), "probe sentence")
 
 
 def encode_probe(tokenizer: Any, sentences: list[str], max_length: int | None = None) -> list[list[int]]:
