@@ -83,9 +83,11 @@ def header(ctx: CardContext) -> list[str]:
     base = public_ref(prov.base_model)
     name = prov.recipe.data.get("name", ctx.folder_name)
     description = " ".join(str(prov.recipe.data.get("description", "")).split())
+    weights = (f" The weights edited are `{base}`'s GGUF file {prov.base_model.weights}; the result is saved as a "
+               "float checkpoint (safetensors)." if prov.base_model.weights else "")
     lines = [GENERATED_MARKER, "", f"# {ctx.model_name}", "",
              f"`{base}` with {prov.plan.n_neurons} neurons edited by bakeedit (recipe `{name}`, "
-             f"{prov.neurons.method} neurons, {_edit_form_words(prov.edit_form)})."]
+             f"{prov.neurons.method} neurons, {_edit_form_words(prov.edit_form)}).{weights}"]
     if description:
         lines += ["", f"> {description}"]
     return lines

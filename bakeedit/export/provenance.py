@@ -55,6 +55,8 @@ class BaseModelInfo(BaseModel):
     revision: str | None = None
     license: str | None = None
     input_sha256: dict[str, str] = Field(default_factory=dict)
+    #: For a GGUF source: the file whose weights were edited, its quantization, and that it was de-quantized.
+    weights: str | None = None
 
 
 class RecipeInfo(BaseModel):

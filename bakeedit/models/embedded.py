@@ -146,3 +146,19 @@ def _corrupt_gguf(gguf: Path, exc: BaseException) -> ModelLoadError:
         f"model.id: '{gguf}' is a damaged or unsupported GGUF file ({first})",
         hint="download the file again; bakeedit reads the GGUF architectures transformers supports",
     )
+
+
+def gguf_weights_note(gguf: Path) -> str:
+    """What a card must say of a GGUF base: which file's weights were edited, in which quantization, and that they
+    were de-quantized (to float32) first, e.g. ``SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1, de-quantized to float32)``."""
+    from gguf import GGUFReader, LlamaFileType  # start-up time: read only for GGUF sources
+
+    quant = "quantization unknown"
+    try:
+        field = GGUFReader(gguf).fields.get("general.file_type")
+        if field is not None:
+            quant = LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_")
+    except (ValueError, KeyError, IndexError, OSError):
+        pass  # an older writer without general.file_type, or a damaged header the loader reported already
+    return f"{gguf.name} ({quant}, de-quantized to float32)"
+

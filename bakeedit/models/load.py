@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bakeedit.errors import BakeeditError, ModelLoadError, UnsupportedArchitecture
+from bakeedit.io.hashing import file_sha256
 from bakeedit.io.shards import FLOAT_DTYPES, read_shard
 from bakeedit.models.arch import ModelLayout, spec_for_model_type
 from bakeedit.models.custom import is_custom_module, read_base_config
@@ -28,8 +29,8 @@ from bakeedit.models.embedded import (
     EMBEDDED_BASE_MODEL,
     EMBEDDED_LICENSE,
     embedded_gguf_path,
-    file_sha256,
     gguf_to_safetensors,
+    gguf_weights_note,
 )
 from bakeedit.models.reference import HUB_ID as _HUB_ID
 from bakeedit.models.reference import ModelSpec
@@ -50,6 +51,7 @@ class ModelSource:
     base_model: str | None = None  # Hub id to cite as base_model, when known
     license: str | None = None
     file_hashes: dict[str, str] = field(default_factory=dict)
+    weights: str | None = None  # a GGUF source: its file, quantization, and that it was de-quantized
 
     def hash_inputs(self) -> dict[str, str]:
         """sha256 of the config and weight files the model was loaded from (computed once)."""
@@ -83,13 +85,13 @@ def resolve_source(spec: ModelSpec) -> ModelSource:
         gguf = embedded_gguf_path()
         return ModelSource(
             ref=ref, kind="embedded", path=gguf_to_safetensors(gguf),
-            base_model=EMBEDDED_BASE_MODEL, license=EMBEDDED_LICENSE,
+            base_model=EMBEDDED_BASE_MODEL, license=EMBEDDED_LICENSE, weights=gguf_weights_note(gguf),
         )
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"model.id: no such GGUF file '{ref}'")
-        return ModelSource(ref=ref, kind="gguf", path=gguf_to_safetensors(path))
+        return ModelSource(ref=ref, kind="gguf", path=gguf_to_safetensors(path), weights=gguf_weights_note(path))
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(

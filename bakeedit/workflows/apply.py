@@ -306,7 +306,7 @@ def apply_recipe(
                 ref=local_ref_for(loaded.source.ref, loaded.source.kind, out), kind=loaded.source.kind,
                 hub_id=loaded.source.base_model,
                 revision=loaded.source.revision, license=loaded.source.license,
-                input_sha256=loaded.source.hash_inputs(),
+                input_sha256=loaded.source.hash_inputs(), weights=loaded.source.weights,
             ),
             neurons=neuron_set,
             plan=plan,

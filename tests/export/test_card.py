@@ -177,6 +177,8 @@ def test_quickstart_card_renders_with_one_model_index_metric_per_evaluated_metri
     card = ModelCard.load(out / "README.md")  # written by apply, last
 
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "apache-2.0"
+    # the weights bakeedit edited are the embedded GGUF's, de-quantized: the card says so
+    assert "GGUF file SmolLM2-135M-Instruct.Q4_1.gguf (Q4_1, de-quantized to float32)" in card.text
     assert card.data.to_dict()["base_model_relation"] == "finetune"
     finite = [(r.task, m.name) for r in run.results["edited"] for m in r.metrics.values() if math.isfinite(m.value)]
     assert finite and sorted((r.dataset_name, r.metric_type) for r in card.data.eval_results) == sorted(finite)

@@ -209,3 +209,21 @@ def test_apply_offers_the_matching_pattern_and_bakes_with_it(tmp_path):
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code == 0
     shown = CliRunner().invoke(main, ["inspect", str(out), "--neurons"])
     assert shown.exit_code == 0 and "mlp.act" in shown.stderr
+
+
+def test_a_gguf_source_is_described_by_its_file_and_quantization(tmp_path):
+    """What the card says of a GGUF base: the file, its quantization type (GGUF's general.file_type), de-quantized."""
+    import gguf
+    import numpy as np
+
+    from bakeedit.models.embedded import gguf_weights_note
+
+    path = tmp_path / "tiny.Q8_0.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert gguf_weights_note(path) == "tiny.Q8_0.gguf (Q8_0, de-quantized to float32)"
