@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -214,16 +213,3 @@ def test_apply_streams_linear_edits_and_matches_the_in_memory_fold(tmp_path, tin
         assert a[name].dtype == b[name].dtype and a[name].view(-1).view(torch.uint8).equal(
             b[name].view(-1).view(torch.uint8)), name
     assert run("verify", str(streamed)).exit_code == 0
-
-
-def test_progress_is_plain_lines_when_the_output_is_not_a_terminal(tmp_path, tiny_checkpoint, shared_data):
-    """A log of a run (CI, nohup, a pipe) gets one line per step with the elapsed time and one per tenth of each
-    bar with an estimate, instead of silence until the end."""
-    path = recipe(tmp_path, str(tiny_checkpoint("llama")), body=NEURONS + (
-        f"evaluate: {{tasks: [crows_pairs], limit: 20, seed: 0, data_dir: {shared_data}}}\n"))
-    result = run("apply", str(path), "-o", str(tmp_path / "out"))
-    assert result.exit_code == 0, result.output
-    lines = result.stderr.splitlines()
-    assert any(re.match(r"^\[ *\d+\.\ds\] load model$", line) for line in lines), result.stderr
-    assert any(re.match(r"^\[ *\d+\.\ds\] done: load model \(\d+\.\ds\)$", line) for line in lines)
-    assert any(re.search(r"\d+/\d+ \(\d+s, ~\d+s left\)$", line) for line in lines), result.stderr
