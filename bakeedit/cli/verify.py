@@ -25,7 +25,8 @@ def verify_command(folder: Path, base: str | None, tolerance: float | None) -> N
         result = verify_output(folder, base=base, tolerance=tolerance)
     line = (
         f"max |delta logit| {result.max_abs_logit_delta:.2e} (tolerance {result.tolerance:.1e}, "
-        f"{result.dtype}, {result.n_tokens} tokens)"
+        f"{result.dtype}, {result.n_tokens} tokens); edit effect {result.edit_effect or 0:.2e} (power: "
+        f"{result.power}); exact leg: {result.exact}"
     )
     if not result.passed:
         raise VerificationError(
