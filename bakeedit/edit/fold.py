@@ -32,7 +32,7 @@ class FoldedTensor:
 class FoldTarget:
     """A tensor one :class:`ScaleGroup` scales: its state-dict name and the dimension indexing the site's channels.
 
-    Shared by the in-memory fold and the streaming fold (``edit/stream.py``), which has no module to look at:
+    Shared by the in-memory fold and the streaming fold (``export/stream.py``), which has no module to look at:
     everything here comes from the :class:`ModelLayout` (config + ArchSpec) alone.
     """
 

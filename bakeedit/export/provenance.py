@@ -90,7 +90,7 @@ class Provenance(BaseModel):
     plan: EditPlan
     edit_form: str = "folded"  # folded | custom_module | mixed
     folded_tensors: list[str] = Field(default_factory=list)
-    baked_by: str = "in-memory"  # in-memory (fold the loaded model, save_pretrained) | stream (edit/stream.py)
+    baked_by: str = "in-memory"  # in-memory (fold the loaded model, save_pretrained) | stream (export/stream.py)
     custom_module: CustomModuleInfo | None = None
     fit: dict[str, Any] | None = None
     dtype: str

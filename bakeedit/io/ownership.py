@@ -25,7 +25,7 @@ from bakeedit.io.temporaries import is_dead_temporary, output_lock, remove_stale
 #: here would import the whole pipeline into the module every writer imports.
 CHECKPOINT_NAMES = frozenset({"bakeedit.json", "README.md", "neurons.json", "recipe.yaml", "neurons_heatmap.png",
                               "neurons-random.json"})
-#: Files carried from the base model that bakeedit does not hash (see ``edit/stream.py`` and ``export/save.py``).
+#: Files carried from the base model that bakeedit does not hash (see ``export/stream.py`` and ``export/save.py``).
 CARRIED_NAMES = frozenset({"merges.txt", "vocab.txt", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
                            "USE_POLICY.md"})
 CARRIED_UNHASHED_SUFFIXES = (".model", ".jinja", ".tiktoken")

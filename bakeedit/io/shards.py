@@ -1,6 +1,6 @@
 """A safetensors checkpoint folder read as byte ranges: the index, each shard's header, and raw reads and copies.
 
-The streaming fold (``edit/stream.py``) never holds a model: it needs, per tensor, the file, the dtype, the shape
+The streaming fold (``export/stream.py``) never holds a model: it needs, per tensor, the file, the dtype, the shape
 and where its bytes lie. A safetensors file is an 8-byte little-endian header length, a JSON header
 (``{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}``) and the tensors' raw bytes, offsets
 relative to the end of the header. Every header is also opened with ``safetensors.safe_open``, so a file the

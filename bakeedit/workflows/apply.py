@@ -218,7 +218,7 @@ def apply_recipe(
 
     ``evaluate=False`` skips the recipe's ``evaluate:`` block (a quick bake; ``bakeedit eval`` can add it later).
     ``bars(description, done, total)`` receives the evaluations' progress. A linear plan is streamed into the
-    checkpoint tensor by tensor from the base shards (``edit/stream.py``, byte-identical to the in-memory fold);
+    checkpoint tensor by tensor from the base shards (``export/stream.py``, byte-identical to the in-memory fold);
     ``in_memory=True`` folds the loaded model and saves it instead.
     """
     recipe = lr.recipe

@@ -387,7 +387,7 @@ def load_hf_rows(dataset_id: str, config: str | None, split: str) -> list[dict[s
 
 def data_sha256(paths: Path | Sequence[Path]) -> str:
     """The digest a result records for the data file(s) it read: for one file its sha256
-    (:func:`bakeedit.models.embedded.file_sha256`, the file digest used everywhere in bakeedit); for several, the
+    (:func:`bakeedit.io.hashing.file_sha256`, the file digest used everywhere in bakeedit); for several, the
     sha256 of their ``"name\\0digest\\n"`` lines in the given order (BBQ's category files, MMLU's subjects)."""
     files = [paths] if isinstance(paths, Path) else list(paths)
     if len(files) == 1:
