@@ -14,6 +14,7 @@ from bakeedit.cli import main
 from bakeedit.edit import build_plan, fold_plan, runtime_edit
 from bakeedit.export.verify import default_tolerance, probe_inputs, probe_logits
 from bakeedit.models import load_model
+from bakeedit.neurons import Neuron
 from bakeedit.recipe import load_recipe
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,9 @@ def test_bf16_fold_stays_within_the_documented_bound(tmp_path):
     lr = load_recipe(QUICKSTART)
     loaded = load_model(lr.recipe.model.model_copy(update={"dtype": "bfloat16"}))
     assert loaded.dtype == torch.bfloat16
-    neurons = [n.model_copy(update={"lambda_": 1.37}) for n in lr.recipe.neurons]  # not exact in bf16
+    sites = [(20, "mlp.act", 11), (22, "mlp.act", 1024), (25, "mlp.act", 300), (27, "attn.q", 70), (28, "attn.v", 5)]
+    neurons = [Neuron(layer=layer, site=site, index=index, lambda_=1.37)  # 1.37 is not exact in bf16
+               for layer, site, index in sites]
     plan = build_plan(neurons, lr.recipe.edit, loaded.layout)
     inputs = probe_inputs(loaded.tokenizer, None, loaded.model.config)
     with runtime_edit(loaded.model, loaded.layout, plan):

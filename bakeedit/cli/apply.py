@@ -7,11 +7,21 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from bakeedit.cli.export import result_lines
 from bakeedit.cli.main import console
 from bakeedit.cli.progress import bar_reporter, command_progress
+from bakeedit.evaluate.report import headline_markdown, read_results
 from bakeedit.export.hub import check_repo_id, push_folder
 from bakeedit.recipe import load_recipe
 from bakeedit.workflows.apply import apply_recipe
+
+
+def headline_lines(results: Path, split: str) -> list[str]:
+    """The evaluation's headline metrics: every model, the paired differences and the verdict (report.md's
+    first table), as markdown lines: the end of a run says what the edit did, readable in a log and pasteable."""
+    where = f", {split} split" if split != "all" else ""
+    return [f"evaluation (value ± SE; paired differences ± SE{where}):",
+            *headline_markdown(read_results(results), short=True)]
 
 
 @click.command("apply")
@@ -63,6 +73,11 @@ def apply_command(recipe: Path, out: Path, overwrite: bool, no_eval: bool, eval_
         table.add_row("custom module", f"{prov.custom_module.module_file} ({prov.custom_module.module_lines} lines, "
                       f"sha256 {prov.custom_module.module_sha256[:16]}…): read it before trusting it")
     console.print(table)
+    for export in result.exports:  # export.formats: the artefacts beside the checkpoint, paths never cut short
+        console.print("\n".join(result_lines(export)), highlight=False, soft_wrap=True)
+    if prov.evaluation:
+        for line in headline_lines(result.out / prov.evaluation["results"], prov.evaluation.get("split", "all")):
+            console.print(line, markup=False, highlight=False, soft_wrap=True)  # stderr: stdout is the folder only
     console.print(
         "load it with:\n"
         "  from transformers import AutoModelForCausalLM, AutoTokenizer\n"

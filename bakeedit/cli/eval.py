@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bakeedit import parallel
 from bakeedit.cli.main import console
+from bakeedit.cli.progress import bar_reporter, command_progress
 from bakeedit.errors import BakeeditError, OutputExistsError, RecipeError
 from bakeedit.evaluate.report import RESULTS_FILE, fmt, ordered_labels, primary_metric, write_results
 from bakeedit.evaluate.runner import EvalRun, ModelRef, evaluate_models
@@ -125,6 +125,8 @@ def _summary(run: EvalRun) -> Table:
               help="Comma-separated task names, or a group: bias, capability, all.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Score a seeded sample of N items per task.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --limit sample.")
+@click.option("--split", type=click.Choice(["all", "dev", "test"]), default="all", show_default=True,
+              help="Score every item (lm-eval's), or one side of the fixed dev/test partition (docs/data.md).")
 @click.option("--data-dir", type=click.Path(path_type=Path), envvar=DATA_DIR_ENV, default=None,
               help=f"Folder of the benchmark data sets [default: ${DATA_DIR_ENV}].")
 @click.option("--baseline", default=None, help="Base model to compare with (labelled 'base').")
@@ -140,7 +142,8 @@ def _summary(run: EvalRun) -> Table:
               "one device over the GPUs (and CPU).")
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow MODEL's own modeling code to run (a nonlinear-edit checkpoint; read its .py file first).")
-def eval_command(model: str, tasks: str, limit: int | None, seed: int, data_dir: Path | None, baseline: str | None,
+def eval_command(model: str, tasks: str, limit: int | None, seed: int, split: str, data_dir: Path | None,
+                 baseline: str | None,
                  control: Path | None, control_lambda: float | None, batch_size: int, out: Path | None,
                  overwrite: bool, device_map: str | None, trust_remote_code: bool) -> None:
     """Evaluate MODEL (a folder, 'embedded', a .gguf or a Hub id) on bias and capability tasks.
@@ -160,7 +163,8 @@ def eval_command(model: str, tasks: str, limit: int | None, seed: int, data_dir:
         baseline = _recorded_base(prov, Path(model))
     models: dict[str, ModelRef] = {}
     descriptions: dict[str, dict[str, Any]] = {}
-    with console.status("loading models"):
+    with command_progress() as (progress, report):  # rich on a terminal, plain lines in a log
+        report("load models")
         if baseline is not None:
             base = _load(baseline, device_map)
             models["base"] = base
@@ -171,18 +175,12 @@ def eval_command(model: str, tasks: str, limit: int | None, seed: int, data_dir:
         label = "edited" if baseline is not None else "model"
         models[label] = _load(model, device_map, trust_remote_code)
         descriptions[label] = {"ref": model, "description": f"`{model}`"}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        bars: dict[str, Any] = {}
-
-        def report(description: str, done: int, total: int) -> None:
-            if description not in bars:
-                bars[description] = progress.add_task(description, total=total)
-            progress.update(bars[description], completed=done, total=total)
-
+        report("evaluate")
         run = evaluate_models(
-            models, tasks, data_dir=data_dir, limit=limit, seed=seed, progress=report, batch_size=batch_size,
+            models, tasks, data_dir=data_dir, limit=limit, seed=seed, progress=bar_reporter(progress),
+            batch_size=batch_size,
             warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True), descriptions=descriptions,
+            split=split,
         )
     if not parallel.is_main():
         return

@@ -1,4 +1,5 @@
-"""``bakeedit inspect OUT``: what was edited, where, by how much, and whether it verified."""
+"""``bakeedit inspect OUT``: what was edited, where, by how much, and whether it verified (a baked checkpoint, or an
+adapter or GGUF folder of ``bakeedit export``)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from rich.table import Table
 
 from bakeedit.cli.main import console
 from bakeedit.errors import ManifestError
+from bakeedit.export.adapter_record import AdapterRecord, check_adapter_folder, read_record
+from bakeedit.export.artefacts import ADAPTER, CHECKPOINT, folder_kind
 from bakeedit.export.card import HEATMAP_FILE
+from bakeedit.export.gguf import GgufRecord
+from bakeedit.export.gguf_check import check_gguf_folder, read_gguf_record
 from bakeedit.export.heatmap import rich_heatmap, save_heatmap_png
 from bakeedit.export.manifest import check_folder
 from bakeedit.export.provenance import read_provenance
 from bakeedit.models.arch import SITES, ModelLayout
 from bakeedit.models.custom import read_base_config
+from bakeedit.workflows.export import adapter_line, gguf_line
 
 
 def _layout(folder: Path, prov) -> ModelLayout:
@@ -52,13 +58,97 @@ def _print_manifest(folder: Path) -> None:
                   "(`bakeedit verify` re-hashes them)")
 
 
+def _plan_neurons(plan) -> Table:
+    detail = Table(title="neurons", title_justify="left")
+    for col in ("layer", "site", "index", "lambda"):
+        detail.add_column(col)
+    for group in plan.groups:
+        for index, lam in zip(group.indices, group.lambdas, strict=True):
+            detail.add_row(str(group.layer), group.site, str(index), f"{lam:g}")
+    return detail
+
+
+def _artefact_manifest(folder: Path, kind: str) -> None:
+    try:
+        record = check_adapter_folder(folder) if kind == ADAPTER else check_gguf_folder(folder, hash_files=False)
+    except ManifestError as exc:
+        console.print(f"[red]manifest: not intact[/]: {escape(str(exc))}", soft_wrap=True)
+        return
+    console.print(f"manifest: {len(record.files_sha256)} files listed with their sha256, record intact "
+                  "(`bakeedit verify` runs the verification again)")
+
+
+def _inspect_adapter(folder: Path) -> AdapterRecord:
+    record = read_record(folder)
+    a, base = record.adapter, record.base_model
+    shape = (f"rank {a.rank}, lora_alpha {a.lora_alpha}, bias {a.bias}" if a.kind == "lora"
+             else "output vectors and feedforward (input) vectors")
+    console.print(f"[bold]peft {a.peft_type} adapter[/] of {base.hub_id or base.ref} ({base.kind}): "
+                  f"{record.plan.n_neurons} neurons in {len(a.targets)} modules; {shape}; peft {a.peft_version}; "
+                  f"bakeedit {record.bakeedit_version}, {record.created_at}")
+    if record.baked_folder:
+        console.print(f"baked checkpoint of the same plan: {record.baked_folder}")
+    table = Table(title="targets", title_justify="left")
+    # a module name is what a user greps for: kept whole, the other columns wrap instead
+    table.add_column("module", no_wrap=True, min_width=max(len(t.module) for t in a.targets))
+    for col in ("scales", "sites", "edited channels", *(["rank"] if a.kind == "lora" else [])):
+        table.add_column(col)
+    for t in a.targets:
+        table.add_row(t.module, f"{t.mode} ({t.width})", ", ".join(t.sites), str(len(t.channels)),
+                      *([str(t.rank)] if a.kind == "lora" else []))
+    console.print(table)
+    console.print(f"loads with: {', '.join(a.servable_by)}")
+    for note in a.notes:
+        console.print(f"[dim]note: {escape(note)}[/]", soft_wrap=True)
+    v = record.verification
+    status = "[yellow]not verified[/]" if v is None else ("[green]passed[/]" if v.passed else "[red]FAILED[/]")
+    console.print(f"verification: {status} {escape(adapter_line(v))}", soft_wrap=True)
+    return record
+
+
+def _inspect_gguf(folder: Path) -> GgufRecord:
+    record = read_gguf_record(folder)
+    src = record.source
+    console.print(f"[bold]baked GGUF[/] {record.gguf_file}: the edit of {Path(src.file).name} "
+                  f"({src.file_type or 'quantization unknown'}, {src.architecture}); {record.plan.n_neurons} "
+                  f"neurons, {len(record.changes)} tensors edited; Q/K rows permuted: {record.permute_qk}; "
+                  f"base model {record.base_model or 'unknown'}; bakeedit {record.bakeedit_version}, "
+                  f"{record.created_at}")
+    table = Table(title="tensors edited", title_justify="left")
+    table.add_column("tensor", no_wrap=True, min_width=max((len(c.tensor) for c in record.changes), default=6))
+    for col in ("type", "edited", "channels", "how", "max block deviation"):
+        table.add_column(col)
+    for c in record.changes:
+        table.add_row(c.tensor, c.type, c.axis, str(c.n_channels), c.method,
+                      "exact" if c.exact else f"{c.rel_error:.2g}")
+    console.print(table)
+    v = record.verification
+    status = "[yellow]not verified[/]" if v is None else ("[green]passed[/]" if v.passed else "[red]FAILED[/]")
+    console.print(f"verification: {status} {escape(gguf_line(v))}", soft_wrap=True)
+    return record
+
+
+def _inspect_artefact(folder: Path, kind: str, list_neurons: bool, png: Path | None) -> None:
+    if png is not None:
+        raise click.UsageError("--png draws the heat map of a checkpoint folder; inspect the baked folder instead")
+    record = _inspect_adapter(folder) if kind == ADAPTER else _inspect_gguf(folder)
+    _artefact_manifest(folder, kind)
+    if list_neurons:
+        console.print(_plan_neurons(record.plan))
+
+
 @click.command("inspect")
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--neurons", "list_neurons", is_flag=True, help="List every edited neuron.")
 @click.option("--png", "png", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Also draw the layer x site heat map as a PNG at this path (the folder itself is not touched).")
 def inspect_command(folder: Path, list_neurons: bool, png: Path | None) -> None:
-    """Show the edit recorded in a bakeedit output folder."""
+    """Show the edit recorded in a bakeedit output folder: a baked checkpoint, or a peft adapter or baked GGUF
+    folder of `bakeedit export`."""
+    kind = folder_kind(folder)
+    if kind != CHECKPOINT:
+        _inspect_artefact(folder, kind, list_neurons, png)
+        return
     prov = read_provenance(folder)
     layout = _layout(folder, prov)
     ns = prov.neurons

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bakeedit import parallel
 from bakeedit.cli.main import console
+from bakeedit.cli.progress import command_progress
 from bakeedit.errors import OutputExistsError, RecipeError
 from bakeedit.export.heatmap import rich_heatmap, save_heatmap_png
 from bakeedit.export.provenance import portable_neuron_set
@@ -77,12 +77,12 @@ def locate_command(recipe: Path, out: Path, cache_dir: Path | None, overwrite: b
 
     click.get_current_context().with_resource(parallel.distributed())  # torchrun: split the items, rank 0 writes
     start = time.perf_counter()
-    with console.status("loading the model"):
-        loaded = load_model(lr.recipe.model)
-    loaded_s = time.perf_counter() - start
     ctx_cache = cache_dir if cache_dir is not None else cache_root() / "locate"
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with command_progress() as (progress, report):  # rich on a terminal, plain lines in a log
+        report("load model")
+        loaded = load_model(lr.recipe.model)
+        loaded_s = time.perf_counter() - start
+        report(f"locate neurons ({spec.method})")
         ctx = LocateContext(cache_dir=ctx_cache, progress=progress, base_dir=lr.path.parent)
         neuron_set = run_locate(spec, loaded, ctx, source=str(lr.path))
     locate_s = time.perf_counter() - start - loaded_s

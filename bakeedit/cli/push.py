@@ -1,4 +1,4 @@
-"""``bakeedit push OUT REPO_ID``: check a baked folder and publish it to the Hugging Face Hub."""
+"""``bakeedit push OUT REPO_ID``: check a baked, peft adapter or GGUF folder and publish it to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -42,6 +42,9 @@ def push_command(folder: Path, repo_id: str, private: bool, revision: str | None
                  dry_run: bool) -> None:
     """Re-check FOLDER against bakeedit.json (every file, its digest, the plan), then create REPO_ID (if needed)
     and upload FOLDER in one commit that also deletes the branch's files FOLDER lacks.
+
+    FOLDER is a baked checkpoint (bakeedit apply) or an adapter or GGUF folder (bakeedit export); each is pushed
+    only if its recorded verification passed.
 
     The token comes from huggingface_hub's usual places (HF_TOKEN, or `hf auth login`); it is never printed.
     HF_ENDPOINT selects another Hub-compatible server. --dry-run runs every check the push runs before sending.

@@ -1,4 +1,5 @@
-"""``bakeedit verify OUT``: re-check a folder against its manifest and its base model with the edit hooked in."""
+"""``bakeedit verify OUT``: re-check a folder against its manifest and its base model with the edit hooked in (a baked
+checkpoint; a peft adapter or baked GGUF folder is verified again as ``bakeedit export`` verified it)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import click
 
 from bakeedit.cli.main import console
 from bakeedit.errors import VerificationError
+from bakeedit.export.artefacts import ADAPTER, CHECKPOINT, folder_kind
 from bakeedit.workflows.apply import verify_output
+from bakeedit.workflows.export import reverify
 
 
 @click.command("verify")
@@ -20,7 +23,21 @@ def verify_command(folder: Path, base: str | None, tolerance: float | None) -> N
     runtime-hooked base model.
 
     A file missing, changed or not listed, or a hand-edited bakeedit.json, is refused before any model is loaded.
+    A peft adapter or baked GGUF folder (bakeedit export) is checked the same way, then verified again in a fresh
+    process: the adapter on its base model, the GGUF file against the source file it was baked from.
     """
+    if folder_kind(folder) != CHECKPOINT:
+        if tolerance is not None:
+            raise click.UsageError("--tolerance applies to a checkpoint folder; an adapter or GGUF folder keeps the "
+                                   "bounds it was exported with")
+        with console.status("verifying…"):
+            again = reverify(folder, base=base)
+        what = "adapter" if again.kind == ADAPTER else "GGUF"
+        if not again.passed:
+            raise VerificationError(f"{folder}: {what} verification failed: {'; '.join(again.failures)}",
+                                    hint="export it again from its baked folder (bakeedit export FOLDER --to ...)")
+        console.print(f"[green]verified[/]: every file matches bakeedit.json; {what}: {again.line}")
+        return
     with console.status("verifying…"):
         result = verify_output(folder, base=base, tolerance=tolerance)
     line = (

@@ -1,9 +1,10 @@
 """Fold a linear :class:`EditPlan` into the weights (peft's ``merge``), so the checkpoint needs no custom code.
 
-Scaling output channel ``i`` of a projection is scaling row ``i`` of its weight *and* ``bias[i]`` (IA3's merge in
-peft forgets the bias; Qwen2's q/k/v biases make that matter). Scaling input channel ``j`` of a projection is
-scaling column ``j`` of its weight. GPT-2's Conv1D stores ``[in, out]``, so rows and columns swap. The product is
-taken in float32 and cast back to the weight's dtype once; channels with lambda 1 are left bit-identical.
+Scaling output channel ``i`` of a projection is scaling row ``i`` of its weight *and* ``bias[i]`` (as peft's IA3
+merge has done since peft 0.6; before it left the bias alone, and Qwen2's q/k/v biases make that matter).
+Scaling input channel ``j`` of a projection is scaling column ``j`` of its weight. GPT-2's Conv1D stores
+``[in, out]``, so rows and columns swap. The product is taken in float32 and cast back to the weight's dtype once;
+channels with lambda 1 are left bit-identical.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ def results_rows(run: EvalRun) -> list[dict[str, Any]]:
                         "model": label, "task": r.task, "version": r.version, "kind": r.kind, "metric": m.name,
                         "group": group, **{k: v for k, v in m.to_json().items() if k != "name"},
                         "data_source": r.data_source, "data_sha256": r.data_sha256, "limit": r.limit,
-                        "seed": r.seed,
+                        "seed": r.seed, "split": r.split,
                     })
     return rows
 
@@ -193,30 +193,76 @@ def _by_task(run: EvalRun) -> dict[str, dict[str, TaskResult]]:
     return out
 
 
+def _model_columns(labels: list[str]) -> tuple[list[str], list[tuple[str, str]], tuple[str, str] | None]:
+    """The columns after a table's leading ones: every model, each paired difference, the verdict."""
+    pairs = comparison_pairs(labels)
+    judged = verdict_pair(labels) if pairs else None
+    head = [*labels, *[f"{a} − {b}" for a, b in pairs]]
+    if judged is not None:
+        head.append(f"verdict ({judged[0]} vs {judged[1]})")
+    return head, pairs, judged
+
+
+def _model_cells(name: str, by_label: Mapping[str, TaskResult], labels: list[str], pairs: list[tuple[str, str]],
+                 judged: tuple[str, str] | None, diffs: Mapping[tuple[str, str], Any]) -> list[str]:
+    """One metric's value in every model, its paired differences and the verdict, as table cells."""
+    cells = []
+    for lab in labels:
+        m = by_label[lab].metrics.get(name) if lab in by_label else None
+        cells.append(fmt(m.value, m.stderr) if m else "—")
+    for a, b in pairs:
+        ref = by_label[b].metrics.get(name) if b in by_label else None
+        cells.append(delta_cell(diffs.get((a, b), {}).get(name), ref.value if ref else None))
+    if judged is not None:
+        cells.append(verdict(diffs.get(judged, {}).get(name), judged[1]))
+    return cells
+
+
 def _metric_table(tasks: Mapping[str, Mapping[str, TaskResult]], labels: list[str],
                   comparisons: Mapping[str, Any]) -> list[str]:
-    pairs = comparison_pairs(labels)
-    judged = verdict_pair(labels)
-    head = ["task", "metric", "ideal", *labels, *[f"{a} − {b}" for a, b in pairs]]
-    if judged is not None and pairs:
-        head.append(f"verdict ({judged[0]} vs {judged[1]})")
+    columns, pairs, judged = _model_columns(labels)
+    head = ["task", "metric", "ideal", *columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, by_label in tasks.items():
         first = next(iter(by_label.values()))
-        diffs = comparisons.get(task, {})
         for name in first.metrics:
             ideal = ideal_of(first, name)
-            cells = [task, metric_label(task, name), "—" if ideal is None else f"{ideal:g}"]
-            for lab in labels:
-                m = by_label[lab].metrics.get(name) if lab in by_label else None
-                cells.append(fmt(m.value, m.stderr) if m else "—")
-            for a, b in pairs:
-                ref = by_label[b].metrics.get(name) if b in by_label else None
-                cells.append(delta_cell(diffs.get((a, b), {}).get(name), ref.value if ref else None))
-            if judged is not None and pairs:
-                cells.append(verdict(diffs.get(judged, {}).get(name), judged[1]))
+            cells = [task, metric_label(task, name), "—" if ideal is None else f"{ideal:g}",
+                     *_model_cells(name, by_label, labels, pairs, judged, comparisons.get(task, {}))]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+#: Besides each task's primary metric, the headline table shows these (BBQ's disambiguated bias beside s_AMB).
+HEADLINE_EXTRA = {"bbq": ("bias_disambig",)}
+
+
+def headline_rows(run: EvalRun, comparisons: Mapping[str, Any] | None = None,
+                  short: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The one table a person reads first (``apply`` prints it, ``report.md`` opens with it): per task its headline
+    metric(s), the value of every model, each paired difference and the verdict. Returns (header, rows);
+    ``short`` names metrics without their notes (for a terminal or a log line)."""
+    comparisons = compare_run(run) if comparisons is None else comparisons
+    labels = ordered_labels(run.results)
+    columns, pairs, judged = _model_columns(labels)
+    rows = []
+    tasks = _by_task(run)
+    for kind in ("bias", "capability"):
+        for task, by_label in tasks.items():
+            first = next(iter(by_label.values()))
+            if first.kind != kind:
+                continue
+            for name in [primary_metric(first), *[m for m in HEADLINE_EXTRA.get(task, ()) if m in first.metrics]]:
+                ideal = ideal_of(first, name)
+                label = name if short else metric_label(task, name)
+                rows.append([task, label + (f" (ideal {ideal:g})" if ideal is not None else ""),
+                             *_model_cells(name, by_label, labels, pairs, judged, comparisons.get(task, {}))])
+    return ["task", "metric", *columns], rows
+
+
+def headline_markdown(run: EvalRun, comparisons: Mapping[str, Any] | None = None, short: bool = False) -> list[str]:
+    head, rows = headline_rows(run, comparisons, short)
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *["| " + " | ".join(r) + " |" for r in rows]]
 
 
 def _category_table(by_label: Mapping[str, TaskResult], metric: str, labels: list[str]) -> list[str]:
@@ -283,7 +329,10 @@ def render_report(run: EvalRun, plots: Mapping[str, str] | None = None,
         out += [f"| {lab} | {run.models[lab].get('description', run.models[lab].get('ref', ''))} |"
                 for lab in labels if lab in run.models]
         out.append("")
+    split = cfg.get("split", "all")
     out.append(f"Tasks: {', '.join(tasks) or 'none'}. "
+               + (f"Items of the {split} split only (the fixed dev/test partition of docs/data.md). "
+                  if split != "all" else "")
                + (f"Each task scored on a seeded sample of at most {limit} items (seed {cfg.get('seed', 0)}); "
                   if limit else "All items of each task; ")
                + "values are `value ± bootstrap standard error`, resampling clusters of related items (BBQ "
@@ -294,6 +343,9 @@ def render_report(run: EvalRun, plots: Mapping[str, str] | None = None,
                   "reference, closer to the unbiased value (bias metrics with an ideal) or moved in the metric's "
                   "direction, with the two-sided bootstrap p-value of that gain; 'no better' at p ≥ 0.05."
                   if comparison_pairs(labels) else ""))
+    if tasks:
+        out += ["", "## Headline", "", "Each task's headline metric (all metrics below).", "",
+                *headline_markdown(run, comparisons)]
     for kind, title in (("bias", "Bias"), ("capability", "Capability")):
         sub = {t: b for t, b in tasks.items() if next(iter(b.values())).kind == kind}
         if not sub:

@@ -83,6 +83,7 @@ def load_tasks(
     seed: int,
     skippable: set[str] | None = None,
     warn: WarnFn | None = None,
+    split: str = "all",
 ) -> tuple[list[tuple[Task, TaskData]], dict[str, str]]:
     """Instantiate and load every task; a task in ``skippable`` whose data cannot be loaded is skipped with a
     warning instead of failing the run."""
@@ -90,7 +91,7 @@ def load_tasks(
     for name in names:
         task = get_task(name)
         try:
-            loaded.append((task, task.load(data_dir, limit, seed)))
+            loaded.append((task, task.load_split(data_dir, limit, seed, split)))
         except DataError as exc:
             if name not in (skippable or set()):
                 raise
@@ -145,10 +146,11 @@ def run_tasks(
     seed: int = 0,
     progress: ProgressFn | None = None,
     batch_size: int = 32,
+    split: str = "all",
 ) -> list[TaskResult]:
     """Load ``tasks`` (names or groups) and evaluate them on ``model`` (a LoadedModel or ``(model, tokenizer)``)."""
     names, groups = expand_tasks(tasks)
-    loaded, _ = load_tasks(names, data_dir, limit, seed, skippable=groups)
+    loaded, _ = load_tasks(names, data_dir, limit, seed, skippable=groups, split=split)
     return score_loaded(model, loaded, progress=progress, batch_size=batch_size)
 
 
@@ -162,10 +164,12 @@ def evaluate_models(
     batch_size: int = 32,
     warn: WarnFn | None = None,
     descriptions: Mapping[str, Mapping[str, Any]] | None = None,
+    split: str = "all",
 ) -> EvalRun:
-    """Evaluate every labelled model on the same loaded items (see the module docstring)."""
+    """Evaluate every labelled model on the same loaded items (see the module docstring); ``split`` restricts
+    every task to its ``dev`` or ``test`` part (:meth:`~bakeedit.evaluate.tasks.base.Task.load_split`)."""
     names, groups = expand_tasks(tasks)
-    loaded, skipped = load_tasks(names, data_dir, limit, seed, skippable=groups, warn=warn)
+    loaded, skipped = load_tasks(names, data_dir, limit, seed, skippable=groups, warn=warn, split=split)
     timings: dict[str, float] = {}
     results = {}
     for label, ref in models.items():
@@ -174,7 +178,8 @@ def evaluate_models(
         with ctx as model:
             results[label] = score_loaded(model, loaded, label, progress, batch_size, timings)
     config = {"tasks": [t.name for t, _ in loaded], "requested": list(tasks) if not isinstance(tasks, str)
-              else tasks, "limit": limit, "seed": seed, "data_dir": None if data_dir is None else str(data_dir),
+              else tasks, "limit": limit, "seed": seed, "split": split,
+              "data_dir": None if data_dir is None else str(data_dir),
               "batch_size": batch_size, "n_total": {t.name: d.n_total for t, d in loaded}}
     return EvalRun(results, skipped, config, {k: dict(v) for k, v in (descriptions or {}).items()}, timings)
 

@@ -1,4 +1,5 @@
-"""Publish a baked folder to the Hugging Face Hub: check it, then ``create_repo`` + ``upload_folder``.
+"""Publish a baked folder (or a peft adapter or baked GGUF folder of ``bakeedit export``) to the Hugging Face Hub:
+check it, then ``create_repo`` + ``upload_folder``.
 
 What is published is exactly what was verified. Nothing is sent before the folder has passed every local check
 (``provenance.check_folder``): it was written by ``bakeedit apply`` and passed its verification, every file is
@@ -24,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from bakeedit.errors import BakeeditError, VerificationError
+from bakeedit.export.artefacts import CHECKPOINT, check_published
 from bakeedit.export.card import CARD_FILE, build_card, write_card
-from bakeedit.export.manifest import check_folder
-from bakeedit.export.provenance import PROVENANCE_FILE, Provenance, folder_files, read_provenance
+from bakeedit.export.provenance import PROVENANCE_FILE, folder_files, read_provenance
 from bakeedit.io.hashing import file_sha256
 
 #: Never uploaded: hidden files and folders (``.git``, ``.cache``, temporary files of an interrupted write).
@@ -64,6 +65,7 @@ class UploadPlan:
     files: list[UploadFile]
     regenerate_card: bool  # the card is rewritten with the repo id at push time (and recorded in bakeedit.json)
     sha256: dict[str, str] = field(default_factory=dict)  # checked just now against bakeedit.json
+    commit_message: str = ""  # the default commit summary: the recipe's name, method and neurons, or the artefact
 
     @property
     def total_bytes(self) -> int:
@@ -88,10 +90,9 @@ def _listed(folder: Path) -> list[UploadFile]:
     return sorted((UploadFile(name, (folder / name).stat().st_size) for name in names), key=lambda f: f.path)
 
 
-def _refuse_unsafe_files(folder: Path, files: list[UploadFile], provenance: Provenance) -> None:
+def _refuse_unsafe_files(folder: Path, files: list[UploadFile], allowed_code: set[str]) -> None:
     """A pickle can run code when it is loaded, and a Python file asks its users to trust it: the only code a
     bakeedit repository carries is its own hashed custom module (``custom_module.module_file``)."""
-    allowed_code = {provenance.custom_module.module_file} if provenance.custom_module else set()
     for f in files:
         suffix = PurePosixPath(f.path).suffix.lower()
         if suffix in PICKLE_SUFFIXES:
@@ -105,21 +106,19 @@ def _refuse_unsafe_files(folder: Path, files: list[UploadFile], provenance: Prov
 
 def plan_push(folder: Path) -> UploadPlan:
     """Check ``folder`` and list what would be uploaded; sends nothing. Raises before any request if the folder is
-    not a verified bakeedit output exactly as its manifest records it (``provenance.check_folder``: every file,
-    the record's digest, the plan against the recipe), or holds a pickle or code bakeedit did not write."""
+    not a verified bakeedit output exactly as its manifest records it (a baked checkpoint: ``manifest.check_folder``,
+    every file, the record's digest, the plan against the recipe; a peft adapter or a baked GGUF folder: every
+    file and the digest of its own record, ``export/artefacts.py``), or holds a pickle or code bakeedit did not
+    write. Only a checkpoint's card is regenerated with the repo id at push time."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PushError(f"{folder}: no such folder")
-    provenance = check_folder(folder, purpose="refusing to push")
-    if not provenance.verification.passed:
-        raise VerificationError(
-            f"{folder}: its verification failed (max |delta logit| {provenance.verification.max_abs_logit_delta:.3g}"
-            f" > {provenance.verification.tolerance:.3g}); refusing to publish it",
-            hint="re-run bakeedit apply; only verified checkpoints are pushed",
-        )
+    checked = check_published(folder, purpose="refusing to push")
+    if checked.failure is not None:
+        raise VerificationError(f"{folder}: {checked.failure}; refusing to publish it", hint=checked.hint)
     files = _listed(folder)
-    _refuse_unsafe_files(folder, files, provenance)
-    return UploadPlan(folder, files, True, dict(provenance.files_sha256))
+    _refuse_unsafe_files(folder, files, checked.allowed_code)
+    return UploadPlan(folder, files, checked.kind == CHECKPOINT, checked.files_sha256, checked.commit_message)
 
 
 def _replanned(plan: UploadPlan) -> UploadPlan:
@@ -129,7 +128,7 @@ def _replanned(plan: UploadPlan) -> UploadPlan:
     if {f.path for f in files} != {*provenance.files_sha256, PROVENANCE_FILE}:
         raise PushError(f"{plan.folder}: files were added or removed while pushing; nothing was pushed",
                         hint="leave the folder alone during a push, then run the same command again")
-    return UploadPlan(plan.folder, files, plan.regenerate_card, dict(provenance.files_sha256))
+    return UploadPlan(plan.folder, files, plan.regenerate_card, dict(provenance.files_sha256), plan.commit_message)
 
 
 def _check_no_token(plan: UploadPlan, token: str) -> None:
@@ -157,8 +156,8 @@ def check_push(folder: Path, repo_id: str) -> tuple[UploadPlan, list[str]]:
         notes.append("not logged in: the push needs a token (HF_TOKEN, or `hf auth login`)")
     else:
         _check_no_token(plan, token)
-        card = str(build_card(plan.folder, repo_id=repo_id, heatmap=False))  # what the push would write
-        if token in card:
+        card = str(build_card(plan.folder, repo_id=repo_id, heatmap=False)) if plan.regenerate_card else ""
+        if token in card:  # the card the push would write
             raise PushError(f"{plan.folder / CARD_FILE}: the card regenerated for the push would contain your Hugging "
                             "Face token; refusing to upload it", hint="remove the token from the recipe, then "
                             "revoke and replace it")
@@ -276,12 +275,6 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _commit_message(folder: Path) -> str:
-    prov = read_provenance(folder)
-    return (f"bakeedit: {prov.recipe.data.get('name', folder.name)} ({prov.neurons.method}, "
-            f"{prov.plan.n_neurons} neurons, {prov.edit_form})")
-
-
 def check_repo_id(repo_id: str, what: str = "") -> None:
     """Refuse a malformed repository id with huggingface_hub's own rule (``what`` prefixes the message, e.g. the
     option that gave it), before any request or, for ``apply --push``, before any work."""
@@ -336,14 +329,15 @@ def push_folder(
         if revision is not None and revision != constants.DEFAULT_REVISION:
             step = f"creating branch '{revision}'"
             api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
-        write_card(plan.folder, repo_id=repo_id, check=False)  # plan_push checked every file just now
-        plan = _replanned(plan)  # the card's final size and hash, recorded in bakeedit.json
-        _check_no_token(plan, token)
+        if plan.regenerate_card:  # a checkpoint's card names the repo; adapter and GGUF cards need not
+            write_card(plan.folder, repo_id=repo_id, check=False)  # plan_push checked every file just now
+            plan = _replanned(plan)  # the card's final size and hash, recorded in bakeedit.json
+            _check_no_token(plan, token)
         step = "the upload"
         report(f"uploading {len(plan.files)} files ({plan.total_bytes / 1e6:.1f} MB)")
         info = api.upload_folder(
             repo_id=repo_id, folder_path=plan.folder, repo_type="model", revision=revision,
-            commit_message=commit_message or _commit_message(plan.folder), ignore_patterns=list(IGNORE_PATTERNS),
+            commit_message=commit_message or plan.commit_message, ignore_patterns=list(IGNORE_PATTERNS),
             delete_patterns=list(DELETE_PATTERNS), token=token,
         )
         step = "checking the pushed files"

@@ -183,9 +183,11 @@ def canonical_digest(data: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def write_provenance(folder: Path, provenance: Provenance) -> Path:
-    """Write ``bakeedit.json`` with its digest, atomically (temp file + rename: a reader never sees half of it)."""
-    data = json.loads(provenance.model_dump_json(by_alias=True))  # JSON-safe: NaN/inf are written as null
+def write_record_file(folder: Path, record: BaseModel) -> Path:
+    """Write ``record`` (a baked folder's :class:`Provenance`, a GGUF or adapter folder's record) as
+    ``bakeedit.json`` with its digest, atomically (temp file + rename: a reader never sees half of it), and set
+    its ``manifest_sha256``: the one writer of every ``bakeedit.json``."""
+    data = json.loads(record.model_dump_json(by_alias=True))  # JSON-safe: NaN/inf are written as null
     data[DIGEST_FIELD] = canonical_digest(data)
     path = Path(folder) / PROVENANCE_FILE
     tmp = path.with_name(f".{PROVENANCE_FILE}.tmp-{os.getpid()}")
@@ -194,8 +196,13 @@ def write_provenance(folder: Path, provenance: Provenance) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    provenance.manifest_sha256 = data[DIGEST_FIELD]
+    record.manifest_sha256 = data[DIGEST_FIELD]
     return path
+
+
+def write_provenance(folder: Path, provenance: Provenance) -> Path:
+    """Write a baked folder's ``bakeedit.json`` (:func:`write_record_file`)."""
+    return write_record_file(folder, provenance)
 
 
 def read_raw(folder: Path) -> tuple[Path, dict[str, Any]]:

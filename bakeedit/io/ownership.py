@@ -31,8 +31,12 @@ CARRIED_NAMES = frozenset({"merges.txt", "vocab.txt", "LICENSE", "LICENSE.txt", 
 CARRIED_UNHASHED_SUFFIXES = (".model", ".jinja", ".tiktoken")
 #: What ``bakeedit sweep`` writes.
 SWEEP_NAMES = frozenset({"sweep.json", "sweep.md", "tradeoff.png", "neurons.json"})
-#: The marker a sweep folder is recognised by, and the keys every bakeedit marker carries.
+#: What ``bakeedit search`` writes.
+SEARCH_NAMES = frozenset({"search.json", "front.md", "front.png", "trials.jsonl", "trials.md", "recipe.yaml",
+                          "neurons.json", "study.db"})
+#: The markers a sweep and a search folder are recognised by, and the keys every bakeedit marker carries.
 SWEEP_MARKER = "sweep.json"
+SEARCH_MARKER = "search.json"
 PROVENANCE_MARKER = "bakeedit.json"
 MARKER_KEYS = ("bakeedit_version", "format_version")
 _LEGACY_SWEEP_KEYS = ("lambdas", "points", "pareto", "recipe_sha256")  # sweep.json before it carried MARKER_KEYS
@@ -187,8 +191,11 @@ def why_not_replaceable(folder: Path) -> str | None:
         allowed: Callable[[tuple[str, ...]], bool] = lambda rel: _allowed_checkpoint_file(rel, names)  # noqa: E731
     elif read_marker(folder / SWEEP_MARKER) is not None:
         allowed = _allowed_sweep_file
+    elif read_marker(folder / SEARCH_MARKER) is not None:
+        allowed = lambda rel: len(rel) == 1 and rel[0] in SEARCH_NAMES  # noqa: E731
     else:
-        return f"is not a bakeedit output (it has no {PROVENANCE_MARKER} or {SWEEP_MARKER} written by bakeedit)"
+        return (f"is not a bakeedit output (it has no {PROVENANCE_MARKER}, {SWEEP_MARKER} or {SEARCH_MARKER} "
+                "written by bakeedit)")
     extras, _ = _extras(folder, (), allowed)
     if not extras:
         return None

@@ -84,6 +84,15 @@ def run_locate(spec: LocateSpec, loaded: LoadedModel, ctx: LocateContext, source
     neuron_set = method.run(loaded, params, ctx)
     neuron_set.method = method.name
     neuron_set.params = params.model_dump(mode="json", by_alias=True)
+    if spec.layer_range is not None:
+        first, last = spec.layer_range
+        kept = [n for n in neuron_set.neurons if first <= n.layer <= last]
+        if not kept:
+            raise RecipeError(f"{source}: locate.layer_range [{first}, {last}] keeps none of the "
+                              f"{len(neuron_set.neurons)} located neurons",
+                              hint="widen the range, or drop it to keep every layer")
+        neuron_set.neurons = kept
+        neuron_set.params["layer_range"] = [first, last]
     neuron_set.model_id = loaded.source.base_model or loaded.source.ref
     neuron_set.model_revision = loaded.source.revision
     return neuron_set

@@ -11,9 +11,12 @@ from bakeedit.recipe.schema import (
     FitSpec,
     LocateSpec,
     Recipe,
+    SearchParam,
+    SearchSpec,
     VerifySpec,
     shard_size_bytes,
 )
 
 __all__ = ["MAX_RECIPE_BYTES", "EditOverride", "EditRule", "EditSpec", "EvaluateSpec", "ExportSpec", "FitSpec",
-           "LoadedRecipe", "LocateSpec", "Recipe", "VerifySpec", "load_recipe", "parse_recipe", "shard_size_bytes"]
+           "LoadedRecipe", "LocateSpec", "Recipe", "SearchParam", "SearchSpec", "VerifySpec",
+           "load_recipe", "parse_recipe", "shard_size_bytes"]

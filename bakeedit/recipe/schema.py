@@ -274,6 +274,15 @@ class LocateSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     method: str
+    #: Keep only the located neurons of layers ``first..last`` (inclusive); any method. ``bakeedit search`` tunes it.
+    layer_range: tuple[Integer, Integer] | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 0 <= value[0] <= value[1]:
+            raise ValueError(f"give [first, last] with 0 <= first <= last, got {list(value)}")
+        return value
 
     @property
     def params(self) -> dict[str, Any]:
@@ -298,11 +307,19 @@ class VerifySpec(_Strict):
         return prompts
 
 
+#: What ``bakeedit apply`` writes: the baked checkpoint (``safetensors``, always) and, as sibling folders
+#: ``<OUT>-gguf``, ``<OUT>-ia3``, ``<OUT>-lora``, the artefacts ``bakeedit export`` makes (docs/export.md).
+ExportFormat = Literal["safetensors", "gguf", "ia3", "lora"]
+
+
 class ExportSpec(_Strict):
     """How the checkpoint is written. A streamed bake keeps the base's shard layout; setting ``max_shard_size``
-    asks for a re-sharded checkpoint, which the in-memory path writes."""
+    asks for a re-sharded checkpoint, which the in-memory path writes. ``formats`` adds the GGUF and peft adapter
+    artefacts beside it; ``safetensors`` must be among them: every other artefact is verified against the baked
+    checkpoint (the adapters' ``merge_and_unload()`` against its tensors) and records it as its origin."""
 
     max_shard_size: str | None = None  # None: the base's shards when streaming, "2GB" in memory
+    formats: list[ExportFormat] = Field(default_factory=lambda: ["safetensors"])
 
     @field_validator("max_shard_size")
     @classmethod
@@ -310,6 +327,31 @@ class ExportSpec(_Strict):
         if size is not None:
             shard_size_bytes(size)
         return size
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _known(cls, formats: Any) -> Any:
+        known = ExportFormat.__args__
+        for name in formats if isinstance(formats, list) else ():
+            if isinstance(name, str) and name not in known:
+                raise ValueError(f"unknown format '{name}'; choose from {', '.join(known)}")
+        return formats
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, formats: list[str]) -> list[str]:
+        repeated = sorted({f for f in formats if formats.count(f) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} is listed twice; name each format once")
+        if "safetensors" not in formats:
+            raise ValueError("safetensors must be listed: the gguf and adapter artefacts are verified against the "
+                             "baked checkpoint and written beside it (e.g. [safetensors, ia3])")
+        return formats
+
+    @property
+    def extra_formats(self) -> list[str]:
+        """The artefacts written beside the baked checkpoint, in the recipe's order."""
+        return [f for f in self.formats if f != "safetensors"]
 
 
 class EvaluateSpec(_Strict):
@@ -323,6 +365,59 @@ class EvaluateSpec(_Strict):
     #: ``kl``: the control's lambdas are scaled until it disturbs the model as much as the edit (mean KL from the
     #: base on neutral text, ``workflows/matched_control.py``); ``lambda``: the control gets the edit's own lambdas.
     control_match: Literal["kl", "lambda"] = "kl"
+    #: Which part of each task's items is scored: ``all`` (lm-evaluation-harness's items), or one side of the fixed
+    #: dev/test partition (docs/data.md). ``bakeedit search`` tunes on ``dev``; the recipe it writes reports ``test``.
+    split: Literal["all", "dev", "test"] = "all"
+
+
+class SearchParam(_Strict):
+    """One searched parameter: a range (``low``/``high``, ``log``, ``step``; ``int: true`` for whole numbers) or a
+    list of ``choices``."""
+
+    low: Number | None = None
+    high: Number | None = None
+    log: StrictBool = False
+    step: Number | None = None
+    int_: StrictBool = Field(default=False, alias="int")
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> SearchParam:
+        if self.choices is not None:
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("give either a non-empty 'choices' list or 'low' and 'high', not both")
+        elif self.low is None or self.high is None or not self.low <= self.high:
+            raise ValueError("give 'low' <= 'high' (or a 'choices' list)")
+        elif self.log and self.low <= 0:
+            raise ValueError("'log: true' needs low > 0")
+        return self
+
+
+class SearchSpec(_Strict):
+    """``bakeedit search``: the parameters tried, the dev-split evaluation each trial is scored on, and the budget.
+
+    ``space`` names ``lambda`` (the edit's), ``locate.<param>`` (the method's) or ``locate.layer_range`` (``low`` and
+    ``high`` bound the first and last layer kept). Each trial's objective is the edit's bias reduction beyond a
+    KL-matched random control on the ``dev`` split of ``tasks``; ``max_kl`` (nats per token on neutral text) and
+    ``max_capability_drop`` (mean headline metric of ``capability_tasks``, absolute) make a trial infeasible."""
+
+    trials: Integer = Field(default=20, gt=0)
+    seed: Integer = 0
+    tasks: list[str] = Field(min_length=1)
+    capability_tasks: list[str] = Field(default_factory=list)
+    limit: Integer | None = Field(default=100, gt=0)
+    max_kl: Number | None = Field(default=None, gt=0)
+    max_capability_drop: Number | None = Field(default=None, ge=0)
+    space: dict[str, SearchParam] = Field(default_factory=dict)
+
+    @field_validator("space")
+    @classmethod
+    def _known_names(cls, space: dict[str, SearchParam]) -> dict[str, SearchParam]:
+        for name in space:
+            if name != "lambda" and not (name.startswith("locate.") and len(name) > len("locate.")):
+                raise ValueError(f"search.space: unknown parameter {name!r}: use 'lambda', 'locate.<param>' or "
+                                 "'locate.layer_range'")
+        return space
 
 
 class Recipe(_Strict):
@@ -338,6 +433,7 @@ class Recipe(_Strict):
     verify: VerifySpec = Field(default_factory=VerifySpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     evaluate: EvaluateSpec | None = None
+    search: SearchSpec | None = None
 
     @field_validator("model", mode="before")
     @classmethod

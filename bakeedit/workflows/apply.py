@@ -34,7 +34,6 @@ from bakeedit.export.provenance import (
     BaseModelInfo,
     Provenance,
     RecipeInfo,
-    base_location,
     hash_written_files,
     local_ref_for,
     portable_neuron_set,
@@ -64,10 +63,18 @@ from bakeedit.models.arch import ModelLayout
 from bakeedit.models.custom import is_custom_module
 from bakeedit.models.embedded import cache_root
 from bakeedit.models.load import LoadedModel, load_model, stored_dtype
-from bakeedit.models.reference import ModelSpec
 from bakeedit.neurons import NeuronSet, check_neuron_count, check_origin
 from bakeedit.recipe import LoadedRecipe, parse_recipe
 from bakeedit.workflows.apply_eval import evaluate_before_fold, evaluate_edited, merge_runs, write_evaluation
+from bakeedit.workflows.export import (
+    ADAPTER_KINDS,
+    ExportResult,
+    check_export_outputs,
+    gguf_file_of,
+    precheck,
+    recorded_base_spec,
+    write_exports,
+)
 from bakeedit.workflows.outputs import protected_for_recipe
 
 NEURONS_FILE = "neurons.json"
@@ -83,6 +90,7 @@ class ApplyResult:
     out: Path
     provenance: Provenance
     timings_s: dict[str, float] = field(default_factory=dict)
+    exports: list[ExportResult] = field(default_factory=list)  # export.formats: the artefacts beside ``out``
 
 
 @contextmanager
@@ -224,6 +232,7 @@ def apply_recipe(
     recipe = lr.recipe
     # -o may not be (or contain) the recipe's, the neurons file's or the base model's folder, nor ., $HOME, /
     out = check_output(out, overwrite, protected_for_recipe(lr))
+    siblings = check_export_outputs(lr, out, overwrite)  # export.formats: <OUT>-gguf, -ia3, -lora, checked now too
     timings: dict[str, float] = {}
     if evaluate and recipe.evaluate is not None and recipe.evaluate.tasks:
         try:
@@ -243,6 +252,11 @@ def apply_recipe(
     if plan.n_neurons == 0:
         raise RecipeError(f"{lr.path}: the neuron set is empty; nothing to edit")
     check_module_supported(loaded.layout, plan)  # before references, evaluations and the bake
+    if siblings:  # an artefact the plan cannot become is refused now, not after the bake
+        precheck(list(siblings), plan, loaded, gguf_file_of(loaded.source.ref, loaded.source.kind))
+    # The adapters are built from the unedited base: keep it while the edited checkpoint is evaluated (a streamed
+    # bake leaves it alone; the in-memory fold edits it in place, and the base is then loaded again at the end).
+    unedited = loaded.model if any(k in ADAPTER_KINDS for k in siblings) else None
 
     with _timed(timings, "reference logits (runtime hooks)", report):
         probe = take_probe(loaded, plan, recipe.verify.prompts)  # with and without the hooks: the edit's effect
@@ -261,6 +275,7 @@ def apply_recipe(
                                         trust_remote_code=recipe.model.trust_remote_code, report=report)
             if streamed is None:
                 folded = fold_plan(loaded.model, loaded.layout, plan)
+                unedited = None  # folded in place
         if streamed is None:
             with _timed(timings, "save checkpoint", report):
                 stored, converted = save_dtype(recipe.model.dtype, loaded)
@@ -325,7 +340,8 @@ def apply_recipe(
         with _timed(timings, "write model card", report):  # the card and heat map join the manifest
             write_card(tmp, local_name=out.name, check=False)
         provenance = read_provenance(tmp)
-    return ApplyResult(out=out, provenance=provenance, timings_s=timings)
+    exports = write_exports(lr, siblings, out, provenance, plan, loaded, unedited, overwrite, report, timings)
+    return ApplyResult(out=out, provenance=provenance, timings_s=timings, exports=exports)
 
 
 #: Recipe fields ``load_recipe`` makes absolute; ``bakeedit.json`` records them as the recipe file spells them.
@@ -371,18 +387,7 @@ def verify_output(folder: Path, base: str | None = None, tolerance: float | None
     against the recipe: ``provenance.check_folder``), then baked vs runtime-hooked base logits."""
     folder = Path(folder)
     provenance = check_folder(folder)
-    # Placement is this machine's business: a folder baked on cuda:1 is verified here on whatever this machine has.
-    recorded = {**provenance.recipe.data["model"], "device": "auto", "device_map": None}
-    try:
-        spec = ModelSpec.model_validate(recorded)
-    except ValueError as exc:
-        raise VerificationError(f"{folder}/bakeedit.json: recipe.data.model: {str(exc).splitlines()[-1].strip()}",
-                                hint="re-run bakeedit apply; the record does not follow the recipe schema") from None
-    # The probe runs in the dtype apply ran it in (float32 on CPU for a bf16 checkpoint), so the power rule sees
-    # the same resolution; records written before runtime_dtype existed ran in their stored dtype.
-    runtime = provenance.verification.runtime_dtype or provenance.dtype
-    spec = spec.model_copy(update={"id": _base_ref(provenance, base, folder), "dtype": runtime})
-    loaded = load_model(spec)
+    loaded = load_model(recorded_base_spec(provenance, folder, base))  # the recipe's model, on this machine
     prompts = provenance.recipe.data.get("verify", {}).get("prompts")
     probe = take_probe(loaded, provenance.plan, prompts)
     result, _ = verify_against_runtime(probe, folder, loaded, provenance.plan, tolerance,
@@ -399,17 +404,3 @@ def _verification_line(result: VerificationResult) -> str:
             f"{result.max_abs_logit_delta:.3g} (tolerance {result.tolerance:.3g}, {result.dtype}), edit effect "
             f"{effect} (power rule {result.power}), exact leg {exact}" +
             "".join(f"; {note}" for note in result.notes))
-
-
-def _base_ref(provenance: Provenance, base: str | None, folder: Path) -> str:
-    """The base model to compare with: ``--base``, else the recorded reference. A local path is recorded relative
-    to the baked folder (no absolute path is written), so it is found from any working directory while the two
-    keep their places; one not found there (nor from the current folder) is an error asking for ``--base``."""
-    found = base if base is not None else base_location(provenance, folder)
-    if found is not None:
-        return found
-    what = "folder" if provenance.base_model.kind == "local" else "file"
-    raise VerificationError(
-        f"bakeedit.json: base_model.ref '{provenance.base_model.ref}': no such {what} relative to {folder} (nor to "
-        f"{Path.cwd()})", hint="the base model moved: pass --base with its location",
-    )

@@ -60,7 +60,7 @@ def control_model(loaded: LoadedModel, control: NeuronSet, edit: EditSpec, sourc
 def _run(models: Mapping[str, Any], spec: EvaluateSpec, bars: Bars | None, descriptions: dict) -> EvalRun:
     return evaluate_models(
         models, spec.tasks, data_dir=spec.data_dir, limit=spec.limit, seed=spec.seed, progress=bars,
-        descriptions=descriptions,
+        descriptions=descriptions, split=spec.split,
     )
 
 
@@ -139,7 +139,7 @@ def write_evaluation(folder: Path, run: EvalRun, control: NeuronSet | None) -> d
     return {
         "results": f"eval/{RESULTS_FILE}", "report": f"eval/{REPORT_FILE}",
         "tasks": run.config.get("tasks"), "limit": run.config.get("limit"), "seed": run.config.get("seed"),
-        "labels": list(run.results), "skipped": run.skipped,
+        "split": run.config.get("split", "all"), "labels": list(run.results), "skipped": run.skipped,
         "control_neurons": CONTROL_NEURONS_FILE if control is not None else None,
     }
 

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from bakeedit.cli import main
+from bakeedit.cli.progress import PROGRESS_LINE
 
 NEURONS = """neurons:
   - {layer: 0, site: attn.q, index: 3}
@@ -97,7 +98,8 @@ def test_bad_input_gives_one_clear_line_and_no_output(tmp_path, tiny_checkpoint,
     path.write_text(text.replace("MODEL", str(tiny_checkpoint("llama"))))
     result = run("apply", str(path), "-o", str(tmp_path / "out"))
     assert result.exit_code == 1
-    lines = result.stderr.strip().splitlines()
+    # the steps that ran before the fault (plain progress lines: the output is not a terminal) are not the message
+    lines = [line for line in result.stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
     assert lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert "Traceback" not in result.output
     assert len(lines) <= 2  # the error line and at most a hint

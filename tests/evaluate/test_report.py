@@ -142,7 +142,10 @@ def paired_run() -> EvalRun:
 
 
 def row_cells(text: str, task: str, metric: str) -> list[str]:
-    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {task} | {metric}"))
+    """A row of the full metric tables (after the headline table, which repeats the headline metrics)."""
+    before, _, after = text.partition("\n## Headline\n")
+    full = before + after.partition("\n## ")[2]
+    line = next(ln for ln in full.splitlines() if ln.startswith(f"| {task} | {metric}"))
     return [c.strip() for c in line.strip("|").split("|")]
 
 
@@ -158,6 +161,11 @@ def test_verdicts_of_paired_results(tmp_path: Path) -> None:
     # edited is right only where control is: worse on every resample
     assert row_cells(text, "arc_easy", "acc")[-1] == "worse than control (p=0.002)"
     assert row_cells(text, "arc_easy", "acc")[-2].startswith("-0.500 ± ")  # the paired difference, no †
+    # the headline table opens the report with the same numbers and verdicts
+    headline = text.split("## Headline", 1)[1].split("\n## ", 1)[0]
+    row = next(ln for ln in headline.splitlines() if ln.startswith("| crows_pairs |"))
+    assert "stereotype_dev" in row and "(ideal 0)" in row and "beats control (p=" in row
+    assert "| arc_easy | acc |" in headline and "worse than control (p=0.002)" in headline
 
     raw = json.loads((report.parent / "results.json").read_text())
     row = next(r for r in raw["paired"] if r["task"] == "crows_pairs" and r["metric"] == "stereotype_dev"

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from bakeedit.cli import main
+from bakeedit.cli.progress import PROGRESS_LINE
 
 from tiny_models import tiny_tokenizer
 
@@ -119,7 +120,7 @@ def test_a_fold_that_did_nothing_is_refused_and_nothing_is_written(tmp_path, tin
     base = tiny_checkpoint("gpt2", dtype=dtype)
     result = apply(write_recipe(tmp_path, base), tmp_path / "out", "--in-memory")
     assert result.exit_code == 1
-    line = result.stderr.strip().splitlines()[0]
+    line = next((line for line in result.stderr.strip().splitlines() if not PROGRESS_LINE.match(line)), "")
     assert "is not below 1/4 of the edit's own effect" in line and "differ from the fold of the base" in line, line
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

@@ -3,8 +3,11 @@
 Every case in ``tests/reliability/`` goes through :func:`run_cli` (the ``bakeedit`` Click group, in process) or
 :func:`spawn_cli` (a real ``python -m bakeedit.cli`` subprocess, for signals) and then checks three things the
 issue promises: the exit code, that the first line of output names the file or field, and that no traceback was
-printed. :func:`snapshot` lists a folder recursively with each file's sha256, so "the old output is
-byte-identical", "user files are untouched" and "no stray temporaries" are plain equality checks.
+printed. The plain progress lines of the steps that ran before the fault (``bakeedit [  1.2s] load model``, on
+stderr when it is not a terminal, as here) may come first: :func:`message_lines` drops them (``PROGRESS_LINE``) and
+nothing else, and exactly one ``error:`` line must remain. :func:`snapshot` lists a folder recursively with each
+file's sha256, so "the old output is byte-identical", "user files are untouched" and "no stray temporaries" are plain
+equality checks.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from bakeedit.cli import main
+from bakeedit.cli.progress import PROGRESS_LINE
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,8 +40,14 @@ class CliOutcome:
 
     @property
     def first_line(self) -> str:
-        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        """The first line of stderr that is not blank and not a progress line."""
+        lines = message_lines(self.stderr)
         return lines[0] if lines else ""
+
+
+def message_lines(text: str) -> list[str]:
+    """The lines of a command's stderr that are neither blank nor plain progress lines (``PROGRESS_LINE``)."""
+    return [line for line in text.splitlines() if line.strip() and not PROGRESS_LINE.match(line)]
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> CliOutcome:
@@ -67,6 +77,7 @@ def assert_one_clear_line(outcome: CliOutcome, code: int, names: str | tuple[str
     assert "Traceback" not in outcome.output, outcome.output
     first = outcome.first_line
     assert first.startswith("error:"), outcome.output
+    assert sum(line.startswith("error:") for line in message_lines(outcome.stderr)) == 1, outcome.output
     wanted = (names,) if isinstance(names, str) else names
     assert any(name in first for name in wanted), f"first line {first!r} names none of {wanted}"
 

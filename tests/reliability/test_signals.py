@@ -20,6 +20,7 @@ from reliability_harness import (
     assert_one_clear_line,
     hidden_entries,
     make_workspace,
+    message_lines,
     run_cli,
     save_base,
     snapshot,
@@ -58,7 +59,7 @@ def _interrupt(ws: Workspace, sig: int, *extra: str) -> tuple[int, str]:
 def _assert_reported(code: int, err: str, sig: int, expected: int) -> None:
     assert code == expected, err
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = message_lines(err)  # the steps' plain progress lines (stderr is a pipe) may come first
     assert lines and lines[0] == f"error: interrupted by {signal.Signals(sig).name}", err
 
 

