@@ -82,6 +82,8 @@ def distributed(backend: str | None = None) -> Iterator[Ranks]:
         created = True
     try:
         yield ranks()
+        if created:  # every rank is done before any leaves: gloo aborts a process whose peer tore the group down
+            dist.barrier()  # (only on a normal exit: after an error on one rank a barrier would wait forever)
     finally:
         if created:
             dist.destroy_process_group()
