@@ -10,7 +10,6 @@ is caught by :func:`check_adapter_folder`.
 from __future__ import annotations
 
 import json
-import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -21,6 +20,7 @@ from bakeedit import __version__
 from bakeedit.edit.plan import EditPlan
 from bakeedit.errors import ManifestError
 from bakeedit.export.card_context import CARD_FILE, TAGS
+from bakeedit.export.model_card import model_card
 from bakeedit.export.provenance import (
     DIGEST_FIELD,
     FORMAT_VERSION,
@@ -212,22 +212,14 @@ def render_body(summary: AdapterSummary, plan: EditPlan, base: BaseModelInfo,
 def render_card(summary: AdapterSummary, plan: EditPlan, base: BaseModelInfo,
                 verification: AdapterVerification | None) -> str:
     """The card's text: :class:`huggingface_hub.ModelCardData` front matter (never written by hand) and the body."""
-    from huggingface_hub import ModelCard, ModelCardData  # start-up time: only when a card is written
+    from huggingface_hub import ModelCardData  # start-up time: only when a card is written
 
     data = ModelCardData(
         base_model=base.hub_id, base_model_relation=ADAPTER_RELATION if base.hub_id else None,
         library_name="peft", license=base.license or "unknown", pipeline_tag="text-generation",
         tags=[*TAGS, "peft", summary.kind],
     )
-    logger = logging.getLogger("huggingface_hub.repocard")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # it warns that the body has no metadata block: .data supplies it
-    try:
-        card = ModelCard(render_body(summary, plan, base, verification))
-    finally:
-        logger.setLevel(level)
-    card.data = data
-    return str(card)
+    return str(model_card(render_body(summary, plan, base, verification), data))
 
 
 def write_card(folder: Path, summary: AdapterSummary, plan: EditPlan, base: BaseModelInfo,

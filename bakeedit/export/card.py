@@ -18,11 +18,8 @@ evaluated on the edited model. The body is rendered by :mod:`bakeedit.export.car
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from bakeedit.errors import BakeeditError
@@ -42,6 +39,7 @@ from bakeedit.export.card_context import (
 )
 from bakeedit.export.heatmap import save_heatmap_png
 from bakeedit.export.manifest import check_folder, refresh_manifest
+from bakeedit.export.model_card import model_card
 from bakeedit.export.provenance import Provenance, read_provenance
 from bakeedit.io.hashing import file_sha256
 
@@ -170,25 +168,8 @@ def build_card(folder: Path, repo_id: str | None = None, heatmap: bool = True, l
     """The :class:`huggingface_hub.ModelCard` of ``folder`` (``repo_id`` fills the load snippet and model-index;
     ``local_name`` is the folder's final name when it is built in a staging folder; ``heatmap=False`` links the
     existing heat map without drawing: ``push --dry-run`` builds the card it would upload without writing)."""
-    from huggingface_hub import ModelCard
-
-
     ctx = card_context(folder, repo_id=repo_id, heatmap=heatmap, local_name=local_name, heatmap_path=heatmap_path)
-    with _quiet("huggingface_hub.repocard"):  # it warns that the body has no metadata block: .data supplies it
-        card = ModelCard(render_body(ctx))
-    card.data = card_data(ctx)  # str(card) renders the front matter from this (ModelCardData.to_yaml)
-    return card
-
-
-@contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
+    return model_card(render_body(ctx), card_data(ctx))  # str(card) renders the front matter from card_data
 
 
 def write_card(folder: Path, repo_id: str | None = None, local_name: str | None = None, *,

@@ -43,6 +43,7 @@ from bakeedit.export.gguf_tensors import (
     write_gguf,
 )
 from bakeedit.export.gguf_verify import GgufVerification, RoundedRows, verify_gguf
+from bakeedit.export.model_card import model_card
 from bakeedit.export.provenance import FORMAT_VERSION, hash_written_files, write_record_file
 from bakeedit.io.hashing import file_sha256
 from bakeedit.io.ownership import Protected
@@ -155,7 +156,7 @@ def modelfile_text(source: GgufSource, gguf_name: str) -> str:
 
 def card_text(record: GgufRecord, license_: str | None) -> str:
     """A minimal card: front matter from huggingface_hub's ModelCardData (never written by hand)."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
     data = ModelCardData(base_model=record.base_model,
                          base_model_relation=BASE_MODEL_RELATION if record.base_model else None,
@@ -185,9 +186,7 @@ Verification: {check}. `bakeedit.json` holds the plan, every change and the file
 Run it with Ollama (`ollama create NAME -f Modelfile`), llama.cpp (`llama-cli -m {record.gguf_file}`) or
 transformers (`AutoModelForCausalLM.from_pretrained(".", gguf_file="{record.gguf_file}")`).
 """
-    card = ModelCard(body)
-    card.data = data
-    return str(card)
+    return str(model_card(body, data))
 
 
 # ------------------------------------------------------------------------------------------------ the bake

@@ -17,12 +17,10 @@ does), the neurons and the base model. :func:`export_folder` checks the folder (
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,18 +169,6 @@ def precheck(kinds: Sequence[str], plan: EditPlan, loaded: LoadedModel, gguf: Pa
         plan_gguf_edits(read_gguf(gguf), plan, loaded.layout, permute_qk=permute)
 
 
-@contextmanager
-def _quiet_card_warning() -> Iterator[None]:
-    """huggingface_hub warns that a card body has no metadata block; the GGUF card's data is set right after."""
-    logger = logging.getLogger("huggingface_hub.repocard")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def write_artefact(kind: str, *, folder: Path, prov: Provenance, plan: EditPlan, out: Path,
                    loaded: Callable[[], LoadedModel], layout: Callable[[], ModelLayout], gguf: Path | None,
                    overwrite: bool = False, protected: Sequence[Protected] = (),
@@ -200,10 +186,9 @@ def write_artefact(kind: str, *, folder: Path, prov: Provenance, plan: EditPlan,
             raise not_gguf_error("--to gguf", prov.base_model.hub_id or prov.base_model.ref)
         model_layout = layout()
         report(f"write the edit into {gguf.name} and verify it (fresh process)")
-        with _quiet_card_warning():
-            baked = bake_gguf(gguf, plan, model_layout, out, base_model=prov.base_model.hub_id,
-                              license_=prov.base_model.license, overwrite=overwrite, protected=protected,
-                              baked_folder=folder)
+        baked = bake_gguf(gguf, plan, model_layout, out, base_model=prov.base_model.hub_id,
+                          license_=prov.base_model.license, overwrite=overwrite, protected=protected,
+                          baked_folder=folder)
         files = tuple(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
         return ExportResult("gguf", out, files, bool(baked.verification and baked.verification.passed),
                             gguf_line(baked.verification), gguf_file=baked.gguf.name)
@@ -367,9 +352,8 @@ def _reverify_gguf(folder: Path, base: str | None) -> Reverified:
     # fresh process); the folder's file must be byte-identical to that freshly verified one.
     with tempfile.TemporaryDirectory(prefix="bakeedit-gguf-reverify-") as work:
         try:
-            with _quiet_card_warning():
-                again = bake_gguf(source, record.plan, layout, Path(work) / "gguf", name=record.gguf_file,
-                                  permute_qk=record.permute_qk)
+            again = bake_gguf(source, record.plan, layout, Path(work) / "gguf", name=record.gguf_file,
+                              permute_qk=record.permute_qk)
         except VerificationError as exc:  # the bake's own check failed: so would this folder's file
             return Reverified(GGUF, record, False, str(exc), [str(exc)])
         same = file_sha256(again.gguf) == file_sha256(folder / record.gguf_file)
