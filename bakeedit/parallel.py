@@ -10,6 +10,12 @@ rank 0 writes files (:func:`is_main`, :func:`main_first`). Evaluation shards at 
 (:func:`bakeedit.evaluate.sharded.make_scorer`): every log-likelihood or generation request a task makes is split
 over the ranks, so tasks need no change and every rank computes the same metrics.
 
+Every rank must take part in every collective, in the same order: a decision that chooses whether a collective
+runs (a cache hit, a failed check) is made once, by rank 0, and handed to the others with :func:`from_main`; work
+that only rank 0 needs (a bake, a verification) runs there alone and hands over what the others need next (the
+staged folder's path), so a run may wait at a collective for as long as rank 0 bakes: the process group's timeout
+is :data:`TIMEOUT_ENV` seconds (default 6 hours).
+
 Same result, bit for bit, needs the same computation per item: batch-1 work is, but a batched forward pass is not
 (a padded batch of other lengths changes float sums at the 1e-6 level). Batched work therefore forms the batches
 exactly as one process would and deals whole batches out (:func:`deal_batches`; :func:`shard_batches` for callers
@@ -26,14 +32,21 @@ import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from bakeedit.errors import BakeeditError
+
 T = TypeVar("T")
 R = TypeVar("R")
 K = TypeVar("K", bound=Hashable)
+
+#: Seconds a rank may wait at a collective (rank 0 baking and verifying while the others wait to evaluate).
+TIMEOUT_ENV = "BAKEEDIT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 6 * 3600
 
 
 @dataclass(frozen=True)
@@ -71,14 +84,15 @@ def rank_device() -> str:
 def distributed(backend: str | None = None) -> Iterator[Ranks]:
     """Join the process group the launcher describes (a no-op in a plain run) and leave it at the end.
 
-    ``backend`` defaults to ``nccl`` with GPUs, else ``gloo``.
+    ``backend`` defaults to ``nccl`` with GPUs, else ``gloo``; the timeout of a collective is ``$BAKEEDIT_DIST_TIMEOUT``
+    seconds (default 6 hours: torch's 30 minutes is shorter than a large bake, which the other ranks wait for).
     """
     env = env_ranks()
     created = False
     if env.world_size > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(env.local_rank)
-        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"), timeout=_timeout())
         created = True
     try:
         yield ranks()
@@ -87,6 +101,20 @@ def distributed(backend: str | None = None) -> Iterator[Ranks]:
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def _timeout() -> timedelta:
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise BakeeditError(f"${TIMEOUT_ENV}: '{raw}' is not a number of seconds above 0",
+                            hint=f"e.g. {TIMEOUT_ENV}={DEFAULT_TIMEOUT_S} (the default, 6 hours), or unset it")
+    return timedelta(seconds=seconds)
 
 
 def shard(items: Sequence[T], where: Ranks | None = None) -> list[T]:
@@ -111,7 +139,8 @@ def shard_batches(
     return [item for batch in batches[where.rank :: where.world_size] for item in batch]
 
 
-def _all_gather(obj: Any) -> list[Any]:
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` in a plain run."""
     if ranks().world_size == 1:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
@@ -119,10 +148,20 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
+def from_main(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (what the others pass is ignored; ``None`` will do): one decision, taken
+    once, for choices that decide which collectives follow, and results only rank 0 computes."""
+    if ranks().world_size == 1:
+        return obj
+    box = [obj if is_main() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def gather(local: Sequence[R], n_items: int, where: Ranks | None = None) -> list[R]:
     """Every rank's :func:`shard` results, back in the order of the ``n_items`` items (on every rank)."""
     where = where or ranks()
-    parts = _all_gather(list(local))
+    parts = gather_objects(list(local))
     merged: list[Any] = [None] * n_items
     for rank, part in enumerate(parts):
         merged[rank :: where.world_size] = part
@@ -132,7 +171,7 @@ def gather(local: Sequence[R], n_items: int, where: Ranks | None = None) -> list
 def gather_mapping(local: dict[K, R]) -> dict[K, R]:
     """The union of every rank's ``{item key: result}`` (on every rank); a key computed twice is an error."""
     merged: dict[K, R] = {}
-    for part in _all_gather(local):
+    for part in gather_objects(local):
         overlap = merged.keys() & part.keys()
         if overlap:
             raise RuntimeError(f"items computed on two ranks: {sorted(map(str, overlap))[:3]}")

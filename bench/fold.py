@@ -26,72 +26,29 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-MB = 1024 * 1024
-SHARD_BYTES = 1 << 30
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import MB, Shape, make_checkpoint, measure  # bench/ is not a package
 
 
-def make_checkpoint(folder: Path, layers: int) -> dict:
-    """Random bf16 tensors written shard by shard (memory: one shard), with config.json and the index."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(hidden_size=3072, intermediate_size=8192, num_hidden_layers=layers, num_attention_heads=24,
-                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=True,
-                         max_position_embeddings=8192, dtype="bfloat16")
-    folder.mkdir(parents=True)
-    config.save_pretrained(folder)
-    h, f, kv = 3072, 8192, 8 * 128
-    shapes = [("model.embed_tokens.weight", (128256, h))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.q_proj.weight", (h, h)),
-                   (p + "self_attn.k_proj.weight", (kv, h)), (p + "self_attn.v_proj.weight", (kv, h)),
-                   (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
-                   (p + "mlp.gate_proj.weight", (f, h)), (p + "mlp.up_proj.weight", (f, h)),
-                   (p + "mlp.down_proj.weight", (h, f))]
-    shapes.append(("model.norm.weight", (h,)))
-    groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in shapes:
-        n = 2 * torch.Size(shape).numel()
-        if groups[-1] and size + n > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append((name, shape))
-        size += n
-    gen = torch.Generator().manual_seed(0)
-    weight_map, total = {}, 0
-    for i, group in enumerate(groups, start=1):
-        shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {name: torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
-                   for name, shape in group}
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
-        total += sum(t.nbytes for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, shard))
-        del tensors
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    return {"shards": len(groups), "bytes": total, "largest": 2 * 128256 * h, "params": total // 2}
+def shape(layers: int) -> Shape:
+    """Llama-3.2-3B's block and vocabulary, ``layers`` of them, tied embeddings."""
+    return Shape(hidden=3072, ffn=8192, heads=24, kv_heads=8, head_dim=128, vocab=128256, layers=layers, tie=True)
 
 
 def make_plan(layers: int):
-    from transformers import LlamaConfig
-
     from bakeedit.edit import build_plan
     from bakeedit.models.arch import ModelLayout
     from bakeedit.neurons import Neuron
     from bakeedit.recipe import EditSpec
 
     g = torch.Generator().manual_seed(1)
-    layout = ModelLayout.for_config(LlamaConfig(hidden_size=3072, intermediate_size=8192, num_hidden_layers=layers,
-                                                num_attention_heads=24, num_key_value_heads=8, head_dim=128))
+    layout = ModelLayout.for_config(shape(layers).config())
     neurons = []
     for layer in range(layers):
         for site, count in (("mlp.act", 40), ("attn.q", 10), ("attn.v", 10)):
@@ -144,34 +101,6 @@ def child(mode: str, base: Path, out: Path, plan_file: Path) -> None:
     print(json.dumps(timings))
 
 
-#: A small process that starts the measured one and reports its wall time and peak RSS. On Linux a child's peak
-#: RSS starts at its parent's RSS at fork (it survives exec), so the parent must be small: this one is ~10 MB.
-_WRAPPER = (
-    "import json, os, subprocess, sys, time\n"
-    "t = time.perf_counter()\n"
-    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE, text=True)\n"
-    "out = p.stdout.read()\n"
-    "_, status, usage = os.wait4(p.pid, 0)\n"
-    "print(json.dumps({'wall': time.perf_counter() - t, 'rss_mb': usage.ru_maxrss / 1024,\n"
-    "                  'written_mb': usage.ru_oublock * 512 / 2**20,\n"
-    "                  'code': os.waitstatus_to_exitcode(status), 'out': out}))\n"
-)
-
-
-def measure(cmd: list[str]) -> dict:
-    """Wall time and peak RSS of one command (through :data:`_WRAPPER`), then the time of the ``sync`` after it."""
-    done = subprocess.run([sys.executable, "-S", "-c", _WRAPPER, *cmd], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(done.stderr)
-    r = json.loads(done.stdout)
-    if r["code"] != 0:
-        raise SystemExit(f"{cmd} failed with exit code {r['code']}")
-    t1 = time.perf_counter()
-    os.sync()
-    lines = r.pop("out").strip().splitlines()
-    return {**r, "sync": time.perf_counter() - t1, **(json.loads(lines[-1]) if lines else {})}
-
-
 def compare(a: Path, b: Path) -> tuple[int, int]:
     """(identical, total) tensors of two checkpoint folders, bit for bit, one tensor at a time."""
     from bakeedit.io.shards import Checkpoint
@@ -200,7 +129,7 @@ def main() -> None:
     base = work / "base"
     try:
         t0 = time.perf_counter()
-        info = make_checkpoint(base, args.layers)
+        info = make_checkpoint(base, shape(args.layers))
         (work / "plan.json").write_text(make_plan(args.layers).model_dump_json())
         os.sync()
         print(f"synthetic checkpoint: {info['params'] / 1e9:.2f} B params, {info['bytes'] / 1e9:.2f} GB in "

@@ -114,6 +114,23 @@ def run(args: list[str], log: Path) -> tuple[float, float]:
     return time.perf_counter() - start, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
+FAILED = "refused.json"  # a method bakeedit refuses on a model (one line and its hint): a row of the table too
+
+
+def refusal(log: Path) -> str | None:
+    """The one-line ``error:`` (and ``hint:``) a bakeedit command ended with, when it refused (an unsupported
+    architecture, say) rather than crashed; None when the log ends otherwise."""
+    lines = log.read_text().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("$ bakeedit ")]
+    lines = lines[starts[-1]:] if starts else lines  # the last command's output only
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    if not errors:
+        return None
+    i = errors[-1]
+    hint = lines[i + 1].removeprefix("hint: ") if i + 1 < len(lines) and lines[i + 1].startswith("hint: ") else ""
+    return lines[i].removeprefix("error: ") + (f" ({hint})" if hint else "")
+
+
 def one(model: str, method: str, recipe_source: Path, work: Path, opts: argparse.Namespace) -> dict[str, Any]:
     """Search, then apply the chosen recipe (each only if not done); the row's numbers."""
     folder = work / f"{model}-{method}"
@@ -122,8 +139,16 @@ def one(model: str, method: str, recipe_source: Path, work: Path, opts: argparse
         folder / "times.json").exists() else {}
     search_out = folder / "search"
     print(f"[{model} {method}] search ({opts.trials} trials, dev split)", flush=True)
-    wall, cpu = run(["search", str(recipe), "-o", str(search_out), "--trials", str(opts.trials), "--limit",
-                     str(opts.search_limit), "--storage", str(folder / "study.db"), "--overwrite"], log)
+    try:
+        wall, cpu = run(["search", str(recipe), "-o", str(search_out), "--trials", str(opts.trials), "--limit",
+                         str(opts.search_limit), "--storage", str(folder / "study.db"), "--overwrite"], log)
+    except SystemExit:
+        if not (reason := refusal(log)):
+            raise
+        (folder / FAILED).write_text(json.dumps({"reason": reason, "command": opts.command}))
+        print(f"[{model} {method}] refused: {reason}", flush=True)
+        return {"model": model, "method": method, "failed": reason}
+    (folder / FAILED).unlink(missing_ok=True)
     times["search"] = times.get("search", 0.0) + wall
     times["search_cpu"] = times.get("search_cpu", 0.0) + cpu
     summary = json.loads((search_out / "search.json").read_text())
@@ -166,6 +191,9 @@ def rows_of(result: dict[str, Any]) -> list[str]:
     from bakeedit.evaluate.compare import compare_run
     from bakeedit.evaluate.report import read_results
 
+    if "failed" in result:
+        return [f"| {result['model']} | {METHODS[result['method']][1]} | refused by bakeedit: {result['failed']} "
+                "| | | | | | | | |"]
     model, method, summary = result["model"], result["method"], result["summary"]
     values = ", ".join(f"{k.removeprefix('locate.')}={v:.3g}" if isinstance(v, float) else
                        f"{k.removeprefix('locate.')}={v}" for k, v in (summary.get("chosen_values") or {}).items())
@@ -229,7 +257,7 @@ def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], comman
         lines += rows_of(r)
     for model, method in pending:
         lines.append(f"| {model} | {METHODS[method][1]} | not run yet | | | | | | | | |")
-    runs = [(r["model"], r["method"], r["times"]) for r in results if r["times"].get("command")]
+    runs = [(r["model"], r["method"], r["times"]) for r in results if r.get("times", {}).get("command")]
     if runs:
         lines += ["", "Runs (each resumable; the table is re-rendered from their folders):", ""]
         lines += [f"- {m} {meth}: `{t['command']}` ({t['date']}; search {t.get('search', 0) / 60:.0f} min, "
@@ -257,6 +285,10 @@ def main() -> None:
         for method in opts.methods.split(","):
             folder = opts.work / f"{model}-{method}"
             if opts.only_render:
+                if (folder / FAILED).exists():
+                    results.append({"model": model, "method": method,
+                                    "failed": json.loads((folder / FAILED).read_text())["reason"]})
+                    continue
                 if (folder / "search" / "search.json").exists():
                     summary = json.loads((folder / "search" / "search.json").read_text())
                     baked = folder / "baked" if (folder / "baked" / "bakeedit.json").exists() else None

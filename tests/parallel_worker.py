@@ -6,9 +6,13 @@ Computations over items whose results rank 0 writes to ``OUT/<name>.json``:
   estimate ``a_i * d log P(target) / d a_i`` of zeroing channel ``i`` of ``attn.v`` and ``mlp.act`` at the last
   position, one item at a time (:func:`bakeedit.parallel.map_items`); the NeuronSet keeps the 12 channels with the
   largest mean absolute attribution.
-- ``coco`` and ``knowbias``: the registered methods through ``run_locate``, as ``bakeedit locate`` runs them
-  (coco deals whole batches of items out in ``locate/responses.record_last_tokens``, knowbias its questions);
-- ``eval``: evaluation tasks through ``evaluate/runner.score_loaded`` (requests split by the sharded scorer).
+- ``coco``, ``knowbias``, ``ine`` and ``random``: the registered methods through ``run_locate``, as ``bakeedit
+  locate`` runs them (coco deals whole batches of items out in ``locate/responses.record_last_tokens``, knowbias its
+  questions, ine its prompt batches and each masking trial's batches; random splits nothing and must still agree);
+  every rank also writes the set it got (``<name>.rank<R>.json``);
+- ``eval``: evaluation tasks through ``evaluate/runner.score_loaded`` (requests split by the sharded scorer);
+- ``sweep``: ``bakeedit sweep`` itself (click, in this process), on the model saved in ``OUT/../tiny-model``
+  (:func:`save_model`, by the test), with its stdout per rank (``sweep.rank<R>.out``).
 
 Usage: ``python parallel_worker.py OUT`` (or :func:`main` in-process for the single-process run).
 """
@@ -19,6 +23,7 @@ import copy
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +48,29 @@ def build_model():
     config.max_position_embeddings = 512  # the chat-templated contrast prompts are ~150 byte tokens
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # whatever CONFIGS last held
+
+
+def save_model(folder: Path) -> Path:
+    """The worker's model and tokenizer as a checkpoint folder, for the commands that load one themselves."""
+    build_model().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@contextmanager
+def counting(cls: type, name: str, what: str):
+    """Count this rank's calls of ``cls.name`` into ``COUNTS[what]`` (the work it did, to see that it was split)."""
+    original = getattr(cls, name)
+
+    def counted(self, *args, **kwargs):
+        COUNTS[what] = COUNTS.get(what, 0) + 1
+        return original(self, *args, **kwargs)
+
+    setattr(cls, name, counted)
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
 
 
 def attribution(model, layout: ModelLayout, ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -114,9 +142,60 @@ def run_method(model, out: Path, name: str, **params) -> None:
 
     progress = CountingProgress()
     neuron_set = run_locate(LocateSpec(method=name, **params), loaded_model(model, out),
-                            LocateContext(cache_dir=None, progress=progress))
-    COUNTS[name] = progress.done[0]  # task 0: recording responses (coco), attributions (knowbias)
+                            LocateContext(cache_dir=None, progress=progress, base_dir=out))
+    if progress.done:  # task 0: recording responses (coco), attributions (knowbias), value scores (ine)
+        COUNTS[name] = progress.done[0]
     write(neuron_set, out / f"{name}.json")
+    neuron_set.save(out / f"{name}.rank{parallel.ranks().rank}.json")  # what this rank got, to compare the ranks
+
+
+def ine_data(out: Path) -> dict[str, str]:
+    """Words, a template and probe sentences small enough for the tiny model: 7 prompts, 5 probe sentences, so
+    that batches of 3 give both ranks value, query, bias and loss batches to score."""
+    folder = out / "ine-data"
+    with parallel.main_first() as main:
+        if main:
+            folder.mkdir()
+            words = ["kind", "calm", "loud", "shy", "nurse", "pilot", "baker"]
+            (folder / "words.jsonl").write_text("".join(
+                json.dumps({"word": w, "category": "c", "split": "locate"}) + "\n" for w in words))
+            (folder / "templates.json").write_text(json.dumps(
+                [{"id": "t", "template": "A {word} said ", "categories": [], "female": "she", "male": "he"}]))
+            (folder / "probe.txt").write_text("Rain fell on the hill.\nTwo and two are four.\nThe bus is late.\n"
+                                              "Bread is baked.\nA cat sat.\n")
+    # relative to the recipe folder (base_dir): the NeuronSet's params record them, equal in every run's folder
+    return {"words": "ine-data/words.jsonl", "templates": "ine-data/templates.json",
+            "probe_sentences": "ine-data/probe.txt"}
+
+
+def run_ine(model, out: Path) -> None:
+    """``ine`` with every step exercised: value and query scores, general neurons, causal masking in groups."""
+    from bakeedit.locate.ine.causal import MaskProbe
+
+    with counting(MaskProbe, "_bias_batch", "ine_bias"), counting(MaskProbe, "_loss_batch", "ine_loss"):
+        run_method(model, out, "ine", **ine_data(out), k=4, candidates=6, group_size=2, loss_tolerance=0.05,
+                   batch_size=3)
+
+
+def run_sweep(out: Path) -> None:
+    """``bakeedit sweep`` on the saved model: every lambda's evaluation split over the ranks, rank 0 writes."""
+    from click.testing import CliRunner
+
+    from bakeedit.cli import main as cli
+    from bakeedit.evaluate.engine import Scorer
+
+    recipe = out / "sweep.yaml"
+    with parallel.main_first() as main:
+        if main:
+            recipe.write_text(
+                f"name: sweep-2\nmodel: {out.parent / 'tiny-model'}\n"
+                "neurons:\n  - {layer: 0, site: mlp.act, index: 3}\n  - {layer: 1, site: attn.v, index: 1}\n"
+                f"evaluate: {{tasks: [crows_pairs, copa], limit: 6, data_dir: {DATA}}}\n")
+    with counting(Scorer, "_forward", "sweep"):
+        result = CliRunner().invoke(cli, ["sweep", str(recipe), "--lambda", "0,1,3", "-o", str(out / "sweep")])
+    if result.exit_code != 0:
+        raise RuntimeError(f"rank {parallel.ranks().rank}: bakeedit sweep failed:\n{result.output}")
+    (out / f"sweep.rank{parallel.ranks().rank}.out").write_text(result.stdout)
 
 
 def run_eval(model, out: Path) -> None:
@@ -175,7 +254,10 @@ def main(target: Path) -> None:
             run_method(model, target, "coco", categories=["gender", "religion"], max_items=5, batch_size=3,
                        sites=["attn.v", "mlp.act"], top_fraction=0.05, answer_format="chat")
             run_method(model, target, "knowbias", max_questions=5, steps=4, sites=["mlp.act", "attn.v"])
+            run_ine(model, target)
+            run_method(model, target, "random", reference="knowbias.json", seed=3)  # relative to base_dir
             run_eval(model, target)
+            run_sweep(target)
             (target / f"rank{where.rank}-of-{where.world_size}.json").write_text(json.dumps(COUNTS))
     finally:
         torch.set_num_threads(threads)

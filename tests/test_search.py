@@ -168,3 +168,18 @@ def test_load_split_is_a_partition_by_cluster(shared_data):
     # the partition does not depend on limit or seed: a sample is drawn inside the split
     sample = task.load_split(shared_data, 10, 3, "dev").items
     assert len(sample) == 10 and {repr(x) for x in sample} <= {repr(x) for x in dev}
+
+
+def test_the_chosen_trial_is_one_whose_edit_reduced_bias_when_there_is_one():
+    """An edit that raised bias, less than its matched control did, has the larger advantage but is no debiasing:
+    the chosen trial is the best of those whose own edit reduced bias; only when none did is the front's best taken
+    (and front.md says so)."""
+    row = lambda n, adv, kl, own, feasible=True: search_mod.TrialRow(  # noqa: E731
+        n, "complete", {}, adv, kl, feasible, {"reduction_edited": own})
+    raised = row(0, 0.18, 0.02, -0.13)  # raised bias, its control raised it more
+    reduced = row(3, 0.11, 0.004, 0.02)
+    small = row(9, 0.08, 0.001, 0.015)
+    over_budget = row(5, 0.30, 0.5, 0.2, feasible=False)
+    assert search_mod.chosen_of([raised, reduced, small, over_budget]).number == 3
+    assert search_mod.chosen_of([raised, row(4, -0.1, 0.01, 0.05)]).number == 0  # none reduced and beat: the front's
+    assert search_mod.reduces_bias(reduced) and not search_mod.reduces_bias(raised)

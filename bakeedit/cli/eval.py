@@ -27,8 +27,13 @@ from bakeedit.workflows.apply_eval import check_before_eval, control_model, reco
 RESULTS_WHAT = "results file"
 
 
-def _load(ref: str, device_map: str | None = None, trust_remote_code: bool = False) -> Any:
-    return load_model(ModelSpec(id=ref, device_map=device_map, trust_remote_code=trust_remote_code))
+def _load(ref: str, device_map: str | None = None, trust_remote_code: bool = False, execution: str = "auto",
+          label: str = "model") -> Any:
+    """Load one model with the chosen execution and say, in one line, which path it took and why."""
+    loaded = load_model(ModelSpec(id=ref, device_map=device_map, trust_remote_code=trust_remote_code),
+                        execution=execution)
+    console.print(f"{label}: execution {loaded.execution_reason}", soft_wrap=True, highlight=False, markup=False)
+    return loaded
 
 
 def _control(neurons_file: Path, base: Any, model_ref: str, control_lambda: float | None) -> tuple[Any, str]:
@@ -142,10 +147,13 @@ def _summary(run: EvalRun) -> Table:
               "one device over the GPUs (and CPU).")
 @click.option("--trust-remote-code", is_flag=True,
               help="Allow MODEL's own modeling code to run (a nonlinear-edit checkpoint; read its .py file first).")
+@click.option("--execution", type=click.Choice(["auto", "in-memory", "blockwise"]), default="auto", show_default=True,
+              help="Run each model whole (in-memory), one block at a time from its shards (blockwise: a model larger "
+              "than memory; every block is read once per batch), or blockwise only when it does not fit (auto).")
 def eval_command(model: str, tasks: str, limit: int | None, seed: int, split: str, data_dir: Path | None,
                  baseline: str | None,
                  control: Path | None, control_lambda: float | None, batch_size: int, out: Path | None,
-                 overwrite: bool, device_map: str | None, trust_remote_code: bool) -> None:
+                 overwrite: bool, device_map: str | None, trust_remote_code: bool, execution: str) -> None:
     """Evaluate MODEL (a folder, 'embedded', a .gguf or a Hub id) on bias and capability tasks.
 
     With --baseline, the report shows base vs MODEL (labelled 'edited') and their difference; with --control, also
@@ -166,21 +174,21 @@ def eval_command(model: str, tasks: str, limit: int | None, seed: int, split: st
     with command_progress() as (progress, report):  # rich on a terminal, plain lines in a log
         report("load models")
         if baseline is not None:
-            base = _load(baseline, device_map)
+            base = _load(baseline, device_map, execution=execution, label="base")
             models["base"] = base
             descriptions["base"] = {"ref": baseline, "description": f"`{baseline}`"}
             if control is not None:
                 models["control"], what = _control(control, base, model, control_lambda)
                 descriptions["control"] = {"ref": baseline, "neurons": str(control), "description": what}
         label = "edited" if baseline is not None else "model"
-        models[label] = _load(model, device_map, trust_remote_code)
+        models[label] = _load(model, device_map, trust_remote_code, execution, label)
         descriptions[label] = {"ref": model, "description": f"`{model}`"}
         report("evaluate")
         run = evaluate_models(
             models, tasks, data_dir=data_dir, limit=limit, seed=seed, progress=bar_reporter(progress),
             batch_size=batch_size,
             warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}", soft_wrap=True), descriptions=descriptions,
-            split=split,
+            split=split, notice=lambda msg: console.print(msg, soft_wrap=True, highlight=False, markup=False),
         )
     if not parallel.is_main():
         return

@@ -34,7 +34,8 @@ def _with_report(spec: LocateSpec, out: Path, source: str) -> LocateSpec:
     """Point a method's ``report`` parameter beside the output unless the recipe chose a place."""
     method, _ = validate_params(spec, source)
     if "report" in method.params.model_fields and "report" not in spec.params:
-        return LocateSpec(method=spec.method, **spec.params, report=str(out.with_suffix(".report.json").resolve()))
+        return LocateSpec(method=spec.method, layer_range=spec.layer_range, execution=spec.execution, **spec.params,
+                          report=str(out.with_suffix(".report.json").resolve()))
     return spec
 
 
@@ -62,7 +63,11 @@ def _write_atomic(neuron_set, out: Path, overwrite: bool) -> None:
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Resumable per-item cache (default: <bakeedit cache>/locate).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def locate_command(recipe: Path, out: Path, cache_dir: Path | None, overwrite: bool) -> None:
+@click.option("--execution", type=click.Choice(["auto", "in-memory", "blockwise"]), default=None,
+              help="Run the model whole (in-memory), one block at a time from its shards (blockwise: a model larger "
+              "than memory), or blockwise only when it does not fit (auto) [default: the recipe's locate.execution, "
+              "else auto].")
+def locate_command(recipe: Path, out: Path, cache_dir: Path | None, overwrite: bool, execution: str | None) -> None:
     """Find the neurons named by RECIPE's locate: block and write them to OUT."""
     lr = load_recipe(recipe)
     spec = lr.recipe.locate
@@ -80,7 +85,8 @@ def locate_command(recipe: Path, out: Path, cache_dir: Path | None, overwrite: b
     ctx_cache = cache_dir if cache_dir is not None else cache_root() / "locate"
     with command_progress() as (progress, report):  # rich on a terminal, plain lines in a log
         report("load model")
-        loaded = load_model(lr.recipe.model)
+        loaded = load_model(lr.recipe.model, execution=execution or spec.execution)
+        console.print(f"execution: {loaded.execution_reason}", soft_wrap=True, highlight=False, markup=False)
         loaded_s = time.perf_counter() - start
         report(f"locate neurons ({spec.method})")
         ctx = LocateContext(cache_dir=ctx_cache, progress=progress, base_dir=lr.path.parent)

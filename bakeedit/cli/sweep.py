@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from bakeedit import parallel
 from bakeedit.cli.main import console
 from bakeedit.cli.progress import bar_reporter, command_progress
 from bakeedit.errors import RecipeError
@@ -37,12 +38,15 @@ def sweep_command(recipe: Path, lambdas: str, out: Path, tasks: str | None, limi
                   data_dir: Path | None, bias_task: str | None, capability_task: str | None, overwrite: bool) -> None:
     """Evaluate the recipe's neurons at several lambdas (runtime hooks, one model load) and plot the trade-off."""
     lr = load_recipe(recipe)
+    click.get_current_context().with_resource(parallel.distributed())  # torchrun: split the work, rank 0 writes
     with command_progress() as (progress, report):
         folder, points = sweep_recipe(
             lr, _lambdas(lambdas), out, overwrite=overwrite, tasks=tasks, limit=limit, seed=seed, data_dir=data_dir,
             bias_task=bias_task, capability_task=capability_task, report=report, progress=progress,
             bars=bar_reporter(progress),
         )
+    if not parallel.is_main():
+        return
     front = {p.lam for p in pareto_front(points)}
     table = Table(title=f"bakeedit sweep: {lr.recipe.name}", title_justify="left")
     for col in ("lambda", "bias (lower better)", "capability", "Pareto"):

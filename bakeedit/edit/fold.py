@@ -18,6 +18,7 @@ from bakeedit.edit.hooks import scale_vector
 from bakeedit.edit.plan import EditPlan, ScaleGroup
 from bakeedit.errors import EditError, UnsupportedArchitecture
 from bakeedit.models.arch import ModelLayout
+from bakeedit.models.lazy import is_lazy
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,12 @@ def _refuse_offloaded(model: nn.Module) -> None:
 def fold_plan(model: nn.Module, layout: ModelLayout, plan: EditPlan) -> list[FoldedTensor]:
     """Bake ``plan`` into ``model``'s weights in place; returns what was changed, for provenance.
 
-    Refuses an offloaded model (:func:`_refuse_offloaded`): its weights are not where the fold writes."""
+    Refuses an offloaded model (:func:`_refuse_offloaded`) and a blockwise one (its weights stay in the shards; an
+    in-place scale of the copy read on access would change nothing): neither holds its weights where the fold
+    writes."""
+    if is_lazy(model):
+        raise EditError("a blockwise model keeps its weights on disk and cannot be folded in memory",
+                        hint="bake it by streaming (bakeedit apply streams a linear plan), or load it in memory")
     _refuse_offloaded(model)
     shared = _shared_parameter_names(model)
     folded: list[FoldedTensor] = []

@@ -24,6 +24,8 @@ ground truth for tests and for ``bench/eval_engine.py``.
 from __future__ import annotations
 
 import inspect
+import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -34,7 +36,9 @@ from bakeedit.errors import EditError
 from bakeedit.evaluate import strategies
 from bakeedit.evaluate.batching import LLResult, TokenRequest, gather_continuation_logprobs
 from bakeedit.evaluate.generation import greedy_generate
+from bakeedit.models.lazy import is_lazy
 
+log = logging.getLogger(__name__)
 ProgressFn = Callable[[str, int, int], None]  # (description, done, total), called after each batch
 DEFAULT_MAX_LENGTH = 2048
 MODES = ("packed", "kv", "flat")
@@ -55,6 +59,11 @@ class Scorer:
     is called after each batch; ``add_bos_token`` prepends BOS to every context (default: when the tokenizer itself
     adds one). ``mode`` (see the module docstring) defaults to ``packed``, or ``flat`` for a model with a
     ``positions: last`` module edit.
+
+    A blockwise model (:mod:`bakeedit.models.lazy`) reads every block from disk once per forward pass, so its cost is
+    per batch: a larger ``batch_size`` scores more requests per read. Before the rest of each request list runs,
+    ``notice`` (default: a logging warning, which the CLI shows on stderr) gets one line with the first batch's time
+    and the estimate for the whole list (first batch x batches).
     """
 
     def __init__(
@@ -66,6 +75,7 @@ class Scorer:
         progress: ProgressFn | None = None,
         mode: Literal["packed", "kv", "flat"] | None = None,
         add_bos_token: bool | None = None,
+        notice: Callable[[str], None] | None = None,
     ) -> None:
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -76,6 +86,9 @@ class Scorer:
         model_max = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
         self.max_length = int(max_length or min(model_max, DEFAULT_MAX_LENGTH))
         self.progress = progress
+        self.notice: Callable[[str], None] = notice or log.warning
+        self.blockwise = is_lazy(model)
+        self._started: float | None = None  # when the current request list began (blockwise: for the estimate)
         self.mode: str = mode or ("flat" if "last" in attached_positions(model) else "packed")
         self._check_mode()
         self.device = next(model.parameters()).device
@@ -185,6 +198,7 @@ class Scorer:
     def score_tokens(self, requests: Sequence[TokenRequest]) -> list[LLResult]:
         """Score already tokenized requests with the scorer's batched strategy."""
         self._check_mode()  # a runtime edit may have been hooked in after the scorer was made
+        self._started = time.perf_counter()
         with torch.inference_mode():
             if self.mode == "packed":
                 return strategies.score_packed(self, requests)
@@ -257,6 +271,7 @@ class Scorer:
         """Greedy continuations of ``prompts`` (batched, left padded), cut before the first ``stop`` string."""
         encoded = [([self.prefix_token_id] if self.add_bos_token else []) + ids for ids in self._encode_many(prompts)]
         encoded = [ids[-max(1, self.max_length - max_new_tokens):] or [self.prefix_token_id] for ids in encoded]
+        self._started = time.perf_counter()
         return greedy_generate(self, encoded, max_new_tokens, stop)
 
     # ------------------------------------------------------------------------------------------ internals
@@ -308,5 +323,15 @@ class Scorer:
             )
 
     def _report(self, description: str, done: int, total: int) -> None:
+        if self.blockwise and self._started is not None and 0 < done < total:
+            self._estimate(description, done, total, time.perf_counter() - self._started)
         if self.progress is not None:
             self.progress(description, done, total)
+
+    def _estimate(self, description: str, done: int, total: int, elapsed: float) -> None:
+        """The one line before a blockwise request list goes on: what its first batch took, and the whole list at
+        that rate (blocks are read once per batch, so batches, not tokens, set the time)."""
+        self._started = None  # once per request list
+        self.notice(f"blockwise {description}: the first batch ({done} of {total} requests) took {elapsed:.1f}s; "
+                    f"the whole list will take about {elapsed * total / done:.0f}s (every block is read once per "
+                    f"batch; a larger --batch-size reads less)")

@@ -118,13 +118,15 @@ def score_loaded(
     progress: ProgressFn | None = None,
     batch_size: int = 32,
     timings: dict[str, float] | None = None,
+    notice: WarnFn | None = None,
 ) -> list[TaskResult]:
-    """Evaluate already loaded tasks on one model."""
+    """Evaluate already loaded tasks on one model; ``notice`` gets the scorer's one-line messages (a blockwise
+    model's time estimate, :class:`~bakeedit.evaluate.engine.Scorer`)."""
     net, tokenizer = _unpack(model)
     if tokenizer is None:
         raise BakeeditError(f"{label}: the model has no tokenizer; evaluation needs one",
                             hint="point at a checkpoint folder that contains tokenizer files")
-    scorer = make_scorer(net, tokenizer, batch_size=batch_size)  # splits the requests over torchrun ranks
+    scorer = make_scorer(net, tokenizer, batch_size=batch_size, notice=notice)  # splits requests over torchrun ranks
     results = []
     for task, data in tasks:
         desc = f"{label}: {task.name}"
@@ -165,9 +167,11 @@ def evaluate_models(
     warn: WarnFn | None = None,
     descriptions: Mapping[str, Mapping[str, Any]] | None = None,
     split: str = "all",
+    notice: WarnFn | None = None,
 ) -> EvalRun:
     """Evaluate every labelled model on the same loaded items (see the module docstring); ``split`` restricts
-    every task to its ``dev`` or ``test`` part (:meth:`~bakeedit.evaluate.tasks.base.Task.load_split`)."""
+    every task to its ``dev`` or ``test`` part (:meth:`~bakeedit.evaluate.tasks.base.Task.load_split`); ``notice``
+    is passed to :func:`score_loaded`."""
     names, groups = expand_tasks(tasks)
     loaded, skipped = load_tasks(names, data_dir, limit, seed, skippable=groups, warn=warn, split=split)
     timings: dict[str, float] = {}
@@ -176,7 +180,7 @@ def evaluate_models(
         direct = isinstance(ref, tuple) or hasattr(ref, "tokenizer")
         ctx = nullcontext(ref) if direct else ref()
         with ctx as model:
-            results[label] = score_loaded(model, loaded, label, progress, batch_size, timings)
+            results[label] = score_loaded(model, loaded, label, progress, batch_size, timings, notice)
     config = {"tasks": [t.name for t, _ in loaded], "requested": list(tasks) if not isinstance(tasks, str)
               else tasks, "limit": limit, "seed": seed, "split": split,
               "data_dir": None if data_dir is None else str(data_dir),

@@ -146,7 +146,17 @@ def neuron_table(ctx: CardContext) -> list[str]:
 
 
 def verification(ctx: CardContext) -> list[str]:
-    v = ctx.provenance.verification
+    v, execution = ctx.provenance.verification, ctx.provenance.execution
+    if execution is not None and execution.path == "low-memory":  # verify_blocks: no model was reloaded whole
+        return ["## Verification", "",
+                f"The model does not fit in memory, so the checkpoint was checked block by block ({v.compared}). "
+                f"The largest absolute difference of the edited blocks' outputs over {v.n_tokens} positions of "
+                f"{v.n_prompts} blocks was **{v.max_abs_logit_delta:.3g}** (tolerance {v.tolerance:.3g} in "
+                f"{v.dtype}); every tensor against the fold of the base: {v.exact}: "
+                f"**{'passed' if v.passed else 'FAILED'}**. `bakeedit verify --blocks` repeats this check and first "
+                "re-hashes every file of the folder against `bakeedit.json`.",
+                "", "This shows the checkpoint does exactly what the edit specifies; whether the edit reduces bias "
+                "is what the evaluation below measures."]
     return ["## Verification", "",
             f"The saved checkpoint was reloaded and compared with the base model running the same edit through "
             f"hooks ({v.compared}). The largest absolute logit difference over {v.n_tokens} tokens of "

@@ -80,6 +80,15 @@ class CustomModuleInfo(BaseModel):
     n_groups: int
 
 
+class ExecutionInfo(BaseModel):
+    """Which path ``bakeedit apply`` took by the model's size, and why: ``full-model`` (the base loaded in memory,
+    the baked folder reloaded to verify it) or ``low-memory`` (the bake streamed and verified block by block,
+    ``export/verify_blocks.py``, no full model ever built)."""
+
+    path: str  # full-model | low-memory
+    reason: str
+
+
 class Provenance(BaseModel):
     format_version: int = FORMAT_VERSION
     bakeedit_version: str = __version__
@@ -91,6 +100,7 @@ class Provenance(BaseModel):
     edit_form: str = "folded"  # folded | custom_module | mixed
     folded_tensors: list[str] = Field(default_factory=list)
     baked_by: str = "in-memory"  # in-memory (fold the loaded model, save_pretrained) | stream (export/stream.py)
+    execution: ExecutionInfo | None = None  # None in records written before apply chose its path by size
     custom_module: CustomModuleInfo | None = None
     fit: dict[str, Any] | None = None
     dtype: str
@@ -116,9 +126,11 @@ def folder_files(folder: Path) -> list[str]:
     return [name for name in names if name != PROVENANCE_FILE and not is_hidden(name)]
 
 
-def hash_written_files(folder: Path) -> dict[str, str]:
-    """sha256 of every file of ``folder`` (see :func:`folder_files`), by relative path."""
-    return {name: file_sha256(Path(folder) / name) for name in folder_files(folder)}
+def hash_written_files(folder: Path, known: dict[str, str] | None = None) -> dict[str, str]:
+    """sha256 of every file of ``folder`` (see :func:`folder_files`), by relative path; ``known`` holds digests
+    already taken of complete files (the shards, hashed while the stream wrote the next one)."""
+    known = known or {}
+    return {name: known.get(name) or file_sha256(Path(folder) / name) for name in folder_files(folder)}
 
 
 def is_covered(name: str, patterns: Iterable[str]) -> bool:

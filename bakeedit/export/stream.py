@@ -49,6 +49,7 @@ from bakeedit.io.shards import (
 )
 from bakeedit.io.staging import staged_output
 from bakeedit.models.arch import ModelLayout
+from bakeedit.models.lazy import stored_tensor_name
 from bakeedit.models.load import LoadedModel
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -113,12 +114,9 @@ def model_skeleton(config, trust_remote_code: bool = False) -> Skeleton | None:
 
 
 def stored_name(ckpt: Checkpoint, name: str, layout: ModelLayout) -> str | None:
-    """``name`` as stored: base-model checkpoints (GPT-2 on the Hub) drop the ``transformer.``/``model.`` prefix."""
-    if name in ckpt:
-        return name
-    prefix = layout.spec.blocks.split(".")[0] + "."
-    short = name.removeprefix(prefix)
-    return short if short != name and short in ckpt else None
+    """``name`` as stored: base-model checkpoints (GPT-2 on the Hub) drop the ``transformer.``/``model.`` prefix
+    (the rule the blockwise loader reads by, ``models/lazy.py``)."""
+    return stored_tensor_name(ckpt, name, layout.spec.blocks)
 
 
 def plan_tensor_edits(
@@ -249,12 +247,15 @@ def stream_bake(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     report: Report | None = None,
     on_bytes: OnBytes | None = None,
+    on_shard: Callable[[Path, Path], None] | None = None,
 ) -> list[FoldedTensor]:
     """Write the baked checkpoint of ``base_folder`` into ``out_folder`` (a staged temporary folder).
 
     ``layout`` defaults to the one of ``base_folder/config.json``. ``on_bytes(done, total)`` reports progress over
-    the shards' bytes; ``report`` receives one-line notes (files not carried over). Returns the tensors changed, one
-    entry per plan group and tensor, like :func:`bakeedit.edit.fold.fold_plan`.
+    the shards' bytes; ``report`` receives one-line notes (files not carried over); ``on_shard(base, baked)`` gets
+    each shard's two paths once the baked one is complete (the low-memory apply hashes both while the next shard is
+    written: ``io/hashing.BackgroundHashes``). Returns the tensors changed, one entry per plan group and tensor, like
+    :func:`bakeedit.edit.fold.fold_plan`.
     """
     base_folder, out_folder = Path(base_folder), Path(out_folder)
     ckpt = Checkpoint.open(base_folder)
@@ -275,6 +276,8 @@ def stream_bake(
         mine = {name: edits[name] for name in shard.entries if name in edits}
         _write_shard(shard, out_folder / shard.path.name, mine, chunk_bytes, advance)
         advance(len(shard.header))
+        if on_shard is not None:
+            on_shard(shard.path, out_folder / shard.path.name)
     if ckpt.index_path is not None:
         shutil.copyfile(ckpt.index_path, out_folder / INDEX_FILE)
     carried, skipped = carried_files(base_folder)

@@ -15,7 +15,14 @@ asked piece by piece, in two checks whose memory is one block:
    baked folder loaded (must match within the tolerance of the stored dtype, ``export/verify.py``: what the
    checkpoint will do). With check 1 this chains baked = round(fold(base)) and fold(base) = hooks(base). The
    inputs are synthetic, not the probe prompts, and no interaction between layers is seen, which a per-layer
-   linear scaling does not have.
+   linear scaling does not have. The unhooked base block is run too: its distance from the reference is the
+   edit's own effect, and the power rule of ``export/verify.py`` applies to it as to the logits of a full model
+   (a bake whose delta is not well below the effect could be the unedited block).
+
+The result is a :class:`~bakeedit.export.verify.VerificationResult` like the full-model check's, so
+``bakeedit.json`` and ``bakeedit verify`` report both the same way; ``bakeedit apply --low-memory`` and
+``bakeedit verify --blocks`` use it. An in-memory bake (``save_pretrained``'s names and layout) gets the exact leg of
+``export/verify.py`` (``fold_exact_check``) instead of check 1.
 """
 
 from __future__ import annotations
@@ -33,13 +40,23 @@ from bakeedit.edit.hooks import runtime_edit
 from bakeedit.edit.plan import EditPlan
 from bakeedit.errors import VerificationError
 from bakeedit.export.stream import load_config, plan_tensor_edits, stored_name
-from bakeedit.export.verify import VerificationResult, default_tolerance
+from bakeedit.export.verify import (
+    NOT_RUN,
+    ExactCheck,
+    VerificationResult,
+    conclude,
+    default_tolerance,
+    fold_exact_check,
+    power_status,
+    streamed_exact_result,
+)
 from bakeedit.io.shards import FLOAT_DTYPES, Checkpoint, read_bytes
 from bakeedit.models.arch import ModelLayout
 
-_COMPARED = ("streamed: every tensor bit-exact vs the fold of the base (untouched ones unchanged), and each edited "
-             "block (folded in float32, and as baked) vs the base block with the edit applied by hooks (one-block "
-             "model, random hidden states)")
+_BLOCKS = ("each edited block (folded in float32, and as baked) vs the base block with the edit applied by hooks "
+           "(one-block model, random hidden states; the edit's own effect from the unhooked block)")
+_EXACT = {"stream": "streamed: every tensor bit-exact vs the fold of the base (untouched ones unchanged)",
+          "in-memory": "every saved tensor bit-exact vs the fold of the base checkpoint's"}
 _SHAPE = (2, 16)  # batch x positions of the random hidden states
 _CHUNK = 64 << 20
 
@@ -53,6 +70,7 @@ class BlockCheck:
     max_abs_delta: float
     mean_abs_delta: float
     max_abs_output: float
+    edit_effect: float = 0.0  # max |hooks - unhooked base block|
 
 
 @dataclass
@@ -81,12 +99,21 @@ def _same_bytes(a: Checkpoint, b: Checkpoint, name: str) -> bool:
         os.close(fb)
 
 
-def exact_check(base: Checkpoint, baked: Checkpoint, layout: ModelLayout, plan: EditPlan) -> tuple[int, list[str]]:
-    """Check 1 of the module docstring: (tensors compared, names that differ from what the fold must give)."""
+def exact_check(base: Checkpoint, baked: Checkpoint, layout: ModelLayout, plan: EditPlan,
+                same_files: set[str] | frozenset[str] = frozenset()) -> tuple[int, list[str]]:
+    """Check 1 of the module docstring: (tensors compared, names that differ from what the fold must give).
+
+    ``same_files`` names the shard files whose base and baked sha256 are equal (hashed anyway for ``bakeedit.json``,
+    while the stream wrote them): an untouched tensor stored in such a file, under the same file name in both, has
+    the base's bytes without reading them again. Any other file is compared tensor by tensor, so a byte changed
+    anywhere is still found and named."""
     edits, _ = plan_tensor_edits(base, layout, plan)
     bad = sorted(set(base.where) ^ set(baked.where))
     for name in sorted(set(base.where) & set(baked.where)):
         if name not in edits:
+            shard = base.where[name].path.name
+            if shard in same_files and baked.where[name].path.name == shard:
+                continue
             if not _same_bytes(base, baked, name):
                 bad.append(name)
             continue
@@ -161,6 +188,7 @@ def functional_check(
         hidden = torch.randn(*_SHAPE, model.config.hidden_size, generator=torch.Generator().manual_seed(layer))
         with torch.no_grad():
             _load_block(model, layout1, base, layer)
+            unhooked = _run(model, hidden)
             with runtime_edit(model, layout1, local):
                 reference = _run(model, hidden)
             fold_plan(model, layout1, local)
@@ -168,7 +196,8 @@ def functional_check(
             _load_block(model, layout1, baked, layer)
             delta = (reference - _run(model, hidden)).abs()
         checks.append(BlockCheck(layer, float((reference - folded).abs().max()), float(delta.max()),
-                                 float(delta.mean()), float(reference.abs().max())))
+                                 float(delta.mean()), float(reference.abs().max()),
+                                 float((reference - unhooked).abs().max())))
     return checks
 
 
@@ -182,13 +211,18 @@ def verify_blocks(
     exact: bool = True,
     trust_remote_code: bool = False,
     layout: ModelLayout | None = None,
+    baked_by: str = "stream",
+    same_files: set[str] | frozenset[str] = frozenset(),
 ) -> StreamedVerification:
     """Both checks; ``layers`` defaults to every layer the plan edits; ``exact=False`` skips check 1 (which reads
-    both checkpoints in full). The tolerance defaults to that of the edited tensors' stored dtype."""
+    both checkpoints in full). The tolerance defaults to that of the edited tensors' stored dtype. ``baked_by``
+    (``bakeedit.json``'s field) says which exact leg applies: ``stream`` (same names and bytes as the base) or
+    ``in-memory`` (``save_pretrained``'s layout). Memory: one block, whatever the model's depth."""
     config = load_config(Path(base_folder), trust_remote_code)
     layout = layout or ModelLayout.for_config(config)
     base, baked = Checkpoint.open(Path(base_folder)), Checkpoint.open(Path(baked_folder))
-    compared, mismatched = exact_check(base, baked, layout, plan) if exact else (0, [])
+    check = (_exact_leg(base, baked, layout, plan, baked_by, same_files) if exact
+             else ExactCheck(NOT_RUN, note="skipped"))
     edits, _ = plan_tensor_edits(base, layout, plan)
     stored = next((FLOAT_DTYPES[e.entry.dtype] for e in edits.values()), torch.float32)
     layers = sorted({g.layer for g in plan.groups}) if layers is None else layers
@@ -196,18 +230,37 @@ def verify_blocks(
     worst = max(blocks, key=lambda b: b.max_abs_delta, default=BlockCheck(-1, 0.0, 0.0, 0.0, 0.0))
     scale = max((b.max_abs_output for b in blocks), default=0.0)
     tol = tolerance if tolerance is not None else default_tolerance(stored, scale)
-    fold_ok = all(b.fold_max_abs_delta <= default_tolerance(torch.float32, b.max_abs_output) for b in blocks)
+    effect = max((b.edit_effect for b in blocks), default=0.0)
+    floor = default_tolerance(torch.float32, scale)  # the blocks run in float32
     digest = hashlib.sha256(repr(("blocks", _SHAPE, layers)).encode()).hexdigest()
-    result = VerificationResult(
-        compared=_COMPARED if exact else _COMPARED.split(", and ", 1)[1],
+    result = conclude(VerificationResult(
+        compared=f"{_EXACT.get(baked_by, _EXACT['stream'])}, and {_BLOCKS}" if exact else _BLOCKS,
         max_abs_logit_delta=worst.max_abs_delta,
         mean_abs_logit_delta=sum(b.mean_abs_delta for b in blocks) / max(1, len(blocks)),
         max_abs_logit=scale,
         tolerance=tol,
-        passed=not mismatched and fold_ok and worst.max_abs_delta <= tol,
+        passed=False,  # conclude() decides
         dtype=str(stored).removeprefix("torch."),
         n_prompts=len(blocks),
         n_tokens=len(blocks) * _SHAPE[0] * _SHAPE[1],
         prompts_sha256=digest,
-    )
-    return StreamedVerification(result=result, blocks=blocks, tensors_compared=compared, mismatched=mismatched)
+        runtime_dtype="float32",
+        within_tolerance=worst.max_abs_delta <= tol,
+        edit_effect=effect,
+        power_floor=floor,
+        power=power_status(effect, worst.max_abs_delta, floor),
+    ), check)
+    for b in blocks:  # the fold must compute what the hooks do, to float32 rounding: else the fold itself is wrong
+        if b.fold_max_abs_delta > default_tolerance(torch.float32, b.max_abs_output):
+            result.passed = False
+            result.notes.append(f"block {b.layer}: the float32 fold differs from the runtime hooks by "
+                                f"{b.fold_max_abs_delta:.3g} (more than float32 rounding)")
+    return StreamedVerification(result=result, blocks=blocks, tensors_compared=check.compared,
+                                mismatched=check.mismatched)
+
+
+def _exact_leg(base: Checkpoint, baked: Checkpoint, layout: ModelLayout, plan: EditPlan, baked_by: str,
+               same_files: set[str] | frozenset[str] = frozenset()) -> ExactCheck:
+    if baked_by == "stream":
+        return streamed_exact_result(*exact_check(base, baked, layout, plan, same_files), plan)
+    return fold_exact_check(base.folder, baked.folder, layout, plan)

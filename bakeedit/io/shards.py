@@ -196,6 +196,50 @@ class Checkpoint:
             os.close(fd)
 
 
+    def read_as(self, name: str, dtype: torch.dtype, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+        """One tensor converted to ``dtype`` while it is read, ``chunk_bytes`` of stored bytes at a time: memory is
+        the converted tensor plus one chunk, not the stored copy beside the converted one (a bf16 embedding read
+        as float32 would otherwise take three times its stored size at its peak)."""
+        shard = self.where[name]
+        entry = shard.entries[name]
+        stored = entry.torch_dtype
+        if stored == dtype or not stored.is_floating_point:
+            return self.read(name)
+        out = torch.empty(entry.shape, dtype=dtype)
+        flat = out.view(-1)
+        per = max(1, chunk_bytes // stored.itemsize)
+        fd = os.open(shard.path, os.O_RDONLY)
+        try:
+            for first in range(0, flat.numel(), per):
+                n = min(per, flat.numel() - first)
+                raw = read_bytes(fd, entry.start + first * stored.itemsize, n * stored.itemsize)
+                flat[first:first + n] = raw.view(stored)
+        finally:
+            os.close(fd)
+        return out
+
+
+    def read_rows(self, name: str, first: int, last: int, dtype: torch.dtype, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """Rows ``first..last-1`` of a tensor (its first dimension; rows are contiguous in the file), converted to
+        ``dtype``, written into ``out[first:last]`` when ``out`` is given: an embedding lookup reads only the rows of
+        its token ids, a large LM head is applied a slice of rows at a time."""
+        shard = self.where[name]
+        entry = shard.entries[name]
+        stored = entry.torch_dtype
+        per_row = math.prod(entry.shape[1:]) * stored.itemsize
+        fd = os.open(shard.path, os.O_RDONLY)
+        try:
+            raw = read_bytes(fd, entry.start + first * per_row, (last - first) * per_row)
+        finally:
+            os.close(fd)
+        rows = raw.view(stored).view(last - first, *entry.shape[1:])
+        if out is None:
+            return rows.to(dtype)
+        out[first:last] = rows
+        return out[first:last]
+
+
 def is_safetensors_checkpoint(folder: Path) -> bool:
     folder = Path(folder)
     return folder.is_dir() and ((folder / INDEX_FILE).is_file() or (folder / SINGLE_FILE).is_file())

@@ -3,6 +3,11 @@
 Draws, for a reference NeuronSet, the same number of neurons in every ``(layer, site)`` cell, uniformly among the
 channels of that cell that the reference did not pick (so the control never overlaps the located set when it can
 avoid it), with a seeded generator: same seed, same set.
+
+Under torchrun it has no items to split: every rank draws the whole set from its own CPU generator seeded alike
+(``torch.Generator()`` on the CPU, whatever device the model is on: ``randperm`` on it gives the same sequence in
+every process of one installation), from the same reference file, so every rank holds the same NeuronSet
+without a collective.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ class RandomParams(BaseModel):
 
 
 def random_like(reference: NeuronSet, layout: ModelLayout, seed: int) -> NeuronSet:
-    """Neurons with exactly ``reference``'s per-(layer, site) counts, avoiding its own neurons where possible."""
+    """Neurons with exactly ``reference``'s per-(layer, site) counts, avoiding its own neurons where possible.
+
+    A function of ``reference``, the layout's sizes and ``seed`` alone (a CPU generator, never the global one), so
+    every torchrun rank draws the same set."""
     generator = torch.Generator().manual_seed(seed)
     taken = {n.address for n in reference.neurons}
     neurons: list[Neuron] = []

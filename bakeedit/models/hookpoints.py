@@ -42,9 +42,11 @@ def register_site_hook(
     smap = layout.site_map(site)
     if smap.expert is not None:  # a routed expert: no module of its own (models/expert_hooks.py)
         return register_expert_hook(module, smap.expert, smap.axis, phys, fn)
-    width = module.weight.shape[0 if smap.axis == "out" else 1]
+    weight = module._parameters.get("weight")  # dict.get: a blockwise model's meta entry, read from no shard
+    weight = module.weight if weight is None else weight
+    width = weight.shape[0 if smap.axis == "out" else 1]
     if type(module).__name__ == "Conv1D":  # GPT-2 stores weights [in, out]
-        width = module.weight.shape[1 if smap.axis == "out" else 0]
+        width = weight.shape[1 if smap.axis == "out" else 0]
     whole = len(phys) == width and bool((phys == torch.arange(width)).all())
 
     if smap.axis == "out":
@@ -76,14 +78,17 @@ def site_hooks(
 
 @contextmanager
 def capture_sites(
-    model: nn.Module, layout: ModelLayout, addresses: list[tuple[int, str]]
+    model: nn.Module, layout: ModelLayout, addresses: list[tuple[int, str]],
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[dict[tuple[int, str], torch.Tensor]]:
-    """Record the activations of each address during the forward passes run inside the block."""
+    """Record the activations of each address during the forward passes run inside the block. ``keep`` selects
+    what is kept of each activation as it is recorded (e.g. the last positions of each prompt), so that a deep
+    model's full activations are never all held at once."""
     store: dict[tuple[int, str], torch.Tensor] = {}
 
     def recorder(address: tuple[int, str]) -> SiteFn:
         def record(act: torch.Tensor) -> None:
-            store[address] = act.detach()
+            store[address] = act.detach() if keep is None else keep(act.detach())
 
         return record
 

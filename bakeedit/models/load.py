@@ -14,7 +14,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -32,12 +32,15 @@ from bakeedit.models.embedded import (
     gguf_to_safetensors,
     gguf_weights_note,
 )
+from bakeedit.models.lazy import execution_device, fits_in_memory, lazy_model
 from bakeedit.models.reference import HUB_ID as _HUB_ID
 from bakeedit.models.reference import ModelSpec
 from bakeedit.models.registry import spec_by_name
 
 _DAMAGED = "the file is damaged or incomplete: download or save the checkpoint again"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+Execution = Literal["auto", "in_memory", "blockwise"]
+EXECUTIONS = ("auto", "in_memory", "blockwise")
 
 
 @dataclass
@@ -54,11 +57,12 @@ class ModelSource:
     weights: str | None = None  # a GGUF source: its file, quantization, and that it was de-quantized
 
     def hash_inputs(self) -> dict[str, str]:
-        """sha256 of the config and weight files the model was loaded from (computed once)."""
-        if not self.file_hashes:
-            for f in sorted(self.path.iterdir()):
-                if f.is_file() and (f.suffix in WEIGHT_SUFFIXES or f.name in ("config.json", "SOURCE_GGUF_SHA256")):
-                    self.file_hashes[f.name] = file_sha256(f)
+        """sha256 of the config and weight files the model was loaded from (computed once; digests already taken,
+        e.g. by the low-memory apply while it streamed, may be put into ``file_hashes`` first)."""
+        for f in sorted(self.path.iterdir()):
+            if f.name not in self.file_hashes and f.is_file() and (
+                    f.suffix in WEIGHT_SUFFIXES or f.name in ("config.json", "SOURCE_GGUF_SHA256")):
+                self.file_hashes[f.name] = file_sha256(f)
         return self.file_hashes
 
 
@@ -69,11 +73,16 @@ class LoadedModel:
     layout: ModelLayout
     source: ModelSource
     dtype: torch.dtype
+    #: True when ``model`` runs blockwise from the shards (``bakeedit.models.lazy``): its parameters are on meta.
+    blockwise: bool = False
+    #: Which execution path was taken and why, as one sentence (``bakeedit locate``/``eval`` print it).
+    execution_reason: str = ""
 
     @property
     def device(self) -> torch.device:
-        """Where the inputs go (the first parameter's device; with a device_map, the embedding's)."""
-        return next(self.model.parameters()).device
+        """Where the inputs go (the first parameter's device; with a device_map, the embedding's; for a blockwise
+        model the device its blocks are loaded onto, never meta)."""
+        return execution_device(self.model)
 
 
 def resolve_source(spec: ModelSpec) -> ModelSource:
@@ -267,9 +276,39 @@ def check_architecture(config, arch: str | None) -> None:
         raise
 
 
-def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> LoadedModel:
-    """Load the model, its tokenizer (if the folder has one) and its :class:`ModelLayout`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def choose_execution(execution: str, source: ModelSource, dtype: torch.dtype, custom: bool = False,
+                     device_map: str | None = None) -> tuple[bool, str]:
+    """``(blockwise, reason)``: the path ``execution`` (``auto``, ``in_memory``/``in-memory`` or ``blockwise``) takes
+    for this checkpoint, with the reason as one sentence. ``auto`` is blockwise only when the checkpoint in the run
+    dtype does not fit in the memory available now (:func:`bakeedit.models.lazy.fits_in_memory`)."""
+    execution = execution.replace("-", "_")
+    if execution not in EXECUTIONS:
+        raise ModelLoadError(f"execution: '{execution}' is not one of auto, in-memory, blockwise")
+    if execution == "in_memory":
+        return False, "in memory: requested"
+    cannot = ("a custom-module checkpoint runs its own modeling code, which blockwise execution does not wrap" if custom
+              else "model.device_map spreads the model over devices already" if device_map else None)
+    if execution == "blockwise":
+        if cannot is not None:
+            raise ModelLoadError(f"execution: blockwise is not possible here: {cannot}",
+                                 hint="run in memory (--execution in-memory)")
+        return True, "blockwise: requested"
+    if cannot is not None:
+        return False, f"in memory: {cannot}"
+    fits, why = fits_in_memory(source.path, dtype)
+    return (False, f"in memory: {why}") if fits else (True, f"blockwise: {why}")
+
+
+def load_model(spec: ModelSpec | str, source: ModelSource | None = None,
+               execution: Execution | str = "in_memory") -> LoadedModel:
+    """Load the model, its tokenizer (if the folder has one) and its :class:`ModelLayout`.
+
+    ``execution`` (see :func:`choose_execution`): ``blockwise`` builds the model on the meta device and runs it one
+    block at a time from the safetensors shards (``bakeedit.models.lazy``; GGUF and embedded sources are converted
+    to a safetensors folder first, so this works for every kind); ``auto`` does so only when the checkpoint does not
+    fit in memory. The default stays ``in_memory``: callers that change weights (folding, saving) need real ones.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = ModelSpec(id=spec) if isinstance(spec, str) else spec
     source = source or resolve_source(spec)
@@ -283,6 +322,15 @@ def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> Load
     check_architecture(config, spec.arch)  # fail before loading gigabytes
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, config, device)
+    blockwise, reason = choose_execution(execution, source, dtype, custom is not None, spec.device_map)
+    if blockwise:
+        damaged = shard_damage(source.path)
+        if damaged is not None:
+            raise ModelLoadError(f"model.id: {damaged}", hint=_DAMAGED)
+        model = lazy_model(source.path, config, dtype, device, trust_remote_code=spec.trust_remote_code,
+                           arch=spec.arch)
+        return LoadedModel(model=model, tokenizer=_load_tokenizer(source), layout=ModelLayout.for_model(
+            model, arch=spec.arch), source=source, dtype=dtype, blockwise=True, execution_reason=reason)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
     if spec.device_map:
         try:
@@ -301,14 +349,21 @@ def load_model(spec: ModelSpec | str, source: ModelSource | None = None) -> Load
     if not spec.device_map:
         model.to(device)
     model.eval()
-    tokenizer = None
-    if any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.path)
-        except Exception as exc:  # tokenizers raises plain Exceptions for damaged files; any failure here is the file's
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelLoadError(f"model.id: cannot read the tokenizer in {source.path}: {first}",
-                                 hint=_DAMAGED) from exc
+    tokenizer = _load_tokenizer(source)
     layout = (ModelLayout.for_config(config, arch=spec.arch) if custom is not None
               else ModelLayout.for_model(model, arch=spec.arch))
-    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, dtype=dtype)
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, dtype=dtype,
+                       execution_reason=reason)
+
+
+def _load_tokenizer(source: ModelSource) -> Any | None:
+    """The folder's tokenizer, ``None`` when it has no tokenizer files; a damaged one is a named error."""
+    from transformers import AutoTokenizer
+
+    if not any((source.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source.path)
+    except Exception as exc:  # tokenizers raises plain Exceptions for damaged files; any failure here is the file's
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelLoadError(f"model.id: cannot read the tokenizer in {source.path}: {first}", hint=_DAMAGED) from exc

@@ -276,6 +276,16 @@ class LocateSpec(BaseModel):
     method: str
     #: Keep only the located neurons of layers ``first..last`` (inclusive); any method. ``bakeedit search`` tunes it.
     layer_range: tuple[Integer, Integer] | None = None
+    #: How the model runs while locating: ``in_memory`` (the whole model loaded), ``blockwise`` (one decoder block
+    #: at a time from the safetensors shards, for a model larger than memory: same neurons, every block read once per
+    #: batch; docs/performance.md) or ``auto`` (blockwise only when the checkpoint in its run dtype does not fit in
+    #: the memory available). ``in-memory`` is accepted too. Not a method parameter: it changes no result.
+    execution: Literal["auto", "in_memory", "blockwise"] = "auto"
+
+    @field_validator("execution", mode="before")
+    @classmethod
+    def _dash(cls, value: Any) -> Any:
+        return value.replace("-", "_") if isinstance(value, str) else value
 
     @field_validator("layer_range")
     @classmethod

@@ -11,18 +11,23 @@ the locate split (``edit/fit.py``).
 With an ``evaluate:`` block, the base model and a random-neuron control are scored before the fold (both on the
 unedited weights, the control through hooks) and the edited model after verification, on the reloaded checkpoint;
 the report goes to ``eval/`` and the model card (``README.md``) is written last, from everything in the folder.
+
+Under torchrun every rank locates and evaluates its share (``bakeedit/parallel.py``); only rank 0 bakes, verifies and
+writes. It hands the other ranks its staged folder once the folder is verified, and they load that checkpoint to
+score their share of its evaluation (:func:`_follow_main`), so every rank scores the very weights that are saved.
 """
 
 from __future__ import annotations
 
-import time
+import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bakeedit import parallel
 from bakeedit.edit import EditPlan, build_plan, fold_plan, runtime_edit
 from bakeedit.edit.fit import FitReport, fit_edit
 from bakeedit.errors import BakeeditError, EditError, ModelLoadError, RecipeError, VerificationError
@@ -36,7 +41,6 @@ from bakeedit.export.provenance import (
     RecipeInfo,
     hash_written_files,
     local_ref_for,
-    portable_neuron_set,
     portable_params,
     read_provenance,
     write_provenance,
@@ -58,17 +62,26 @@ from bakeedit.export.verify_blocks import exact_check
 from bakeedit.io.ownership import check_output
 from bakeedit.io.shards import Checkpoint
 from bakeedit.io.staging import staged_output
-from bakeedit.locate import LocateContext, run_locate
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.custom import is_custom_module
-from bakeedit.models.embedded import cache_root
-from bakeedit.models.load import LoadedModel, load_model, stored_dtype
-from bakeedit.neurons import NeuronSet, check_neuron_count, check_origin
-from bakeedit.recipe import LoadedRecipe, parse_recipe
+from bakeedit.models.load import LoadedModel, load_model, resolve_source, stored_dtype
+from bakeedit.recipe import EvaluateSpec, LoadedRecipe
 from bakeedit.workflows.apply_eval import evaluate_before_fold, evaluate_edited, merge_runs, write_evaluation
+from bakeedit.workflows.apply_low_memory import LOW_MEMORY, apply_low_memory, choose_path
+from bakeedit.workflows.apply_steps import (
+    DEFAULT_MAX_SHARD_SIZE,
+    NEURONS_FILE,
+    RECIPE_FILE,
+    ApplyResult,
+    Bars,
+    Reporter,
+    portable_neurons,
+    recipe_record,
+    resolve_neurons,
+    timed,
+    verification_line,
+)
 from bakeedit.workflows.export import (
-    ADAPTER_KINDS,
-    ExportResult,
     check_export_outputs,
     gguf_file_of,
     precheck,
@@ -76,61 +89,6 @@ from bakeedit.workflows.export import (
     write_exports,
 )
 from bakeedit.workflows.outputs import protected_for_recipe
-
-NEURONS_FILE = "neurons.json"
-DEFAULT_MAX_SHARD_SIZE = "2GB"
-RECIPE_FILE = "recipe.yaml"
-
-Reporter = Callable[[str], None]
-Bars = Callable[[str, int, int], None]
-
-
-@dataclass
-class ApplyResult:
-    out: Path
-    provenance: Provenance
-    timings_s: dict[str, float] = field(default_factory=dict)
-    exports: list[ExportResult] = field(default_factory=list)  # export.formats: the artefacts beside ``out``
-
-
-@contextmanager
-def _timed(timings: dict[str, float], step: str, report: Reporter) -> Iterator[None]:
-    report(step)
-    start = time.perf_counter()
-    yield
-    timings[step] = round(time.perf_counter() - start, 3)
-
-
-def resolve_neurons(lr: LoadedRecipe, loaded: LoadedModel, progress=None) -> NeuronSet:
-    """The recipe's neurons: an explicit list, a neurons.json, or the result of its ``locate:`` method.
-
-    A list longer than the model has neurons is refused right after loading (when the model's config.json was not
-    local, ``load_recipe`` could not check it before); a neurons.json located on another model is refused unless
-    the recipe sets ``allow_foreign_neurons: true``.
-    """
-    recipe = lr.recipe
-    model_id, revision = loaded.source.base_model or loaded.source.ref, loaded.source.revision
-    if recipe.neurons is not None:
-        check_neuron_count(len(recipe.neurons), loaded.layout, f"{lr.path}: neurons", f"'{model_id}'")
-        return NeuronSet(
-            method="explicit",
-            params={"recipe": lr.path.name},  # a name, not a local path: the card is public
-            model_id=model_id,
-            model_revision=revision,
-            neurons=recipe.neurons,
-        )
-    if recipe.neurons_file is not None:
-        path = lr.resolve(recipe.neurons_file)
-        if not path.is_file():
-            raise RecipeError(f"{lr.path}: neurons_file: no such file '{path}'")
-        neuron_set = NeuronSet.load(path)
-        check_neuron_count(len(neuron_set.neurons), loaded.layout, str(path), f"'{model_id}'")
-        if not recipe.allow_foreign_neurons:
-            check_origin(neuron_set, model_id, revision, str(path))
-        return neuron_set
-    assert recipe.locate is not None
-    ctx = LocateContext(cache_dir=cache_root() / "locate", progress=progress, base_dir=lr.path.parent)
-    return run_locate(recipe.locate, loaded, ctx, source=str(lr.path))
 
 
 @dataclass
@@ -180,11 +138,10 @@ def verify_against_runtime(
     default tolerance is that dtype's, the power rule's floor the runtime dtype's. Returns the reloaded model too:
     it is the checkpoint as users will load it, so evaluations use it.
     """
-    from transformers import AutoModelForCausalLM  # start-up time: transformers loads when a model does
-
     custom = is_custom_module(folder)  # bakeedit wrote its code, and verify_output checked its hash first
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=loaded.dtype, trust_remote_code=custom)
-    reloaded = reloaded.to(loaded.device).eval()
+    device = loaded.device
+    release_model(loaded)  # the probe's logits are taken: never the base and the baked model at once
+    reloaded = load_baked(folder, loaded.dtype, device)
     candidate = probe_logits(reloaded, probe.inputs)
     logits = compare_logits(
         probe.reference, candidate, saved_dtype, tolerance, int(probe.inputs["input_ids"].shape[0]),
@@ -197,6 +154,61 @@ def verify_against_runtime(
         result.notes.append(f"the model ran in {_dtype_name(loaded.dtype)}; the checkpoint is stored in "
                             f"{_dtype_name(saved_dtype)}, whose tolerance applies")
     return result, reloaded
+
+
+def release_model(loaded: LoadedModel) -> None:
+    """Drop ``loaded``'s model (tokenizer, layout, source and dtype stay) and collect it, before another model is
+    loaded: apply holds one model at a time, whatever its size."""
+    loaded.model = None  # type: ignore[assignment]
+    gc.collect()
+
+
+def load_baked(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """``folder``'s checkpoint as its users load it: plain ``from_pretrained`` (with ``trust_remote_code`` for a
+    custom module bakeedit wrote), in ``dtype`` (the dtype the base ran in), on ``device``."""
+    from transformers import AutoModelForCausalLM  # start-up time: transformers loads when a model does
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=is_custom_module(folder))
+    return model.to(device).eval()
+
+
+@contextmanager
+def _handing_over(needed: bool) -> Iterator[Callable[[Path | None], None]]:
+    """Rank 0's side of :func:`_follow_main`: ``hand_over(folder)`` sends the verified staged folder (``None``: it
+    failed) and waits until every rank has loaded it; an error before that sends ``None``, so that the other ranks
+    stop with an error instead of waiting for a folder that will not come. A no-op without an evaluation to share
+    or in a plain run."""
+    pending = [needed and parallel.ranks().world_size > 1]
+
+    def hand_over(folder: Path | None) -> None:
+        if pending[0]:
+            pending[0] = False
+            parallel.from_main(None if folder is None else str(folder))
+            if folder is not None:
+                parallel.barrier()  # every rank has opened the folder before it is renamed into place
+
+    try:
+        yield hand_over
+    except Exception:
+        hand_over(None)
+        raise
+
+
+def _follow_main(loaded: LoadedModel, n_neurons: int, method: str, eval_spec: EvaluateSpec | None,
+                 bars: Bars | None, kl: float | None) -> None:
+    """A rank other than 0 after the evaluations of the unedited weights: wait for rank 0's verified staged folder,
+    load it as rank 0's verification reloaded it, and score its share of the edited checkpoint's evaluation (the
+    requests are split in ``evaluate/sharded.py``; rank 0 writes the results)."""
+    if eval_spec is None:
+        return
+    folder = parallel.from_main(None)
+    if folder is None:
+        raise VerificationError("rank 0 wrote no checkpoint (its error is above); this rank stops too")
+    device = loaded.device
+    release_model(loaded)  # the base is not needed any more: never two models in memory
+    reloaded = load_baked(Path(folder), loaded.dtype, device)
+    parallel.barrier()  # rank 0 keeps the staged folder where it is until every rank has loaded it
+    evaluate_edited(reloaded, loaded.tokenizer, n_neurons, method, eval_spec, bars, kl=kl)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -221,13 +233,16 @@ def apply_recipe(
     bars: Bars | None = None,
     evaluate: bool = True,
     in_memory: bool = False,
-) -> ApplyResult:
+    low_memory: bool = False,
+) -> ApplyResult | None:
     """Run a recipe end to end and write the verified checkpoint, its evaluation and its card to ``out``.
 
     ``evaluate=False`` skips the recipe's ``evaluate:`` block (a quick bake; ``bakeedit eval`` can add it later).
     ``bars(description, done, total)`` receives the evaluations' progress. A linear plan is streamed into the
     checkpoint tensor by tensor from the base shards (``export/stream.py``, byte-identical to the in-memory fold);
-    ``in_memory=True`` folds the loaded model and saves it instead.
+    ``in_memory=True`` folds the loaded model and saves it instead. ``low_memory=True`` (or a checkpoint that does
+    not fit in memory) takes the path of ``workflows/apply_low_memory.py``: no full model is built. Under
+    torchrun, ranks other than 0 return ``None`` once they have taken their part in every evaluation.
     """
     recipe = lr.recipe
     # -o may not be (or contain) the recipe's, the neurons file's or the base model's folder, nor ., $HOME, /
@@ -240,44 +255,51 @@ def apply_recipe(
         except BakeeditError as exc:
             raise RecipeError(f"{lr.path}: evaluate.tasks: {exc.args[0]}", hint=exc.hint) from None
 
-    with _timed(timings, "load model", report):
-        loaded = load_model(recipe.model)
-    with _timed(timings, "locate neurons" if recipe.locate else "read neurons", report):
+    source = resolve_source(recipe.model)  # fetched once (a Hub model), whichever path runs
+    execution = choose_path(lr, source, siblings, low_memory=low_memory, in_memory=in_memory, report=report)
+    if execution.path == LOW_MEMORY:
+        return apply_low_memory(lr, out, source, execution, siblings, overwrite=overwrite, report=report,
+                                progress=progress, bars=bars, evaluate=evaluate)
+    with timed(timings, "load model", report):
+        loaded = load_model(recipe.model, source)
+    with timed(timings, "locate neurons" if recipe.locate else "read neurons", report):
         neuron_set = resolve_neurons(lr, loaded, progress)
     edit, fit = recipe.edit, None
     if edit.fit is not None:
-        with _timed(timings, "fit edit parameters", report):
-            edit, fit = fit_edit(edit, neuron_set.neurons, loaded, lr.resolve(edit.fit.data) if edit.fit.data else None)
+        with timed(timings, "fit edit parameters", report):
+            edit, fit = parallel.from_main(  # torchrun: rank 0 fits, every rank evaluates its choice
+                fit_edit(edit, neuron_set.neurons, loaded, lr.resolve(edit.fit.data) if edit.fit.data else None)
+                if parallel.is_main() else None)
     plan: EditPlan = build_plan(neuron_set.neurons, edit, loaded.layout, source="neurons")
     if plan.n_neurons == 0:
         raise RecipeError(f"{lr.path}: the neuron set is empty; nothing to edit")
     check_module_supported(loaded.layout, plan)  # before references, evaluations and the bake
     if siblings:  # an artefact the plan cannot become is refused now, not after the bake
         precheck(list(siblings), plan, loaded, gguf_file_of(loaded.source.ref, loaded.source.kind))
-    # The adapters are built from the unedited base: keep it while the edited checkpoint is evaluated (a streamed
-    # bake leaves it alone; the in-memory fold edits it in place, and the base is then loaded again at the end).
-    unedited = loaded.model if any(k in ADAPTER_KINDS for k in siblings) else None
 
-    with _timed(timings, "reference logits (runtime hooks)", report):
-        probe = take_probe(loaded, plan, recipe.verify.prompts)  # with and without the hooks: the edit's effect
+    with timed(timings, "reference logits (runtime hooks)", report):
+        # with and without the hooks: the edit's effect (only rank 0 verifies)
+        probe = take_probe(loaded, plan, recipe.verify.prompts) if parallel.is_main() else None
 
     eval_spec = recipe.evaluate if evaluate and recipe.evaluate and recipe.evaluate.tasks else None
     before = control = kl_edit = None
     if eval_spec is not None:
-        with _timed(timings, "evaluate base and random control", report):
+        with timed(timings, "evaluate base and random control", report):
             measured = evaluate_before_fold(loaded, neuron_set, edit, eval_spec, bars, edit_plan=plan)
             before, control, kl_edit = measured.run, measured.control, measured.kl_edit
+    if not parallel.is_main():  # torchrun: rank 0 bakes and writes; the others score their share of the result
+        _follow_main(loaded, plan.n_neurons, neuron_set.method, eval_spec, bars, kl_edit)
+        return None
 
-    with staged_output(out, overwrite) as tmp:
-        with _timed(timings, "fold edit into weights", report):
+    with staged_output(out, overwrite) as tmp, _handing_over(eval_spec is not None) as hand_over:
+        with timed(timings, "fold edit into weights", report):
             reshard = recipe.export.max_shard_size is not None  # a new shard layout: save_pretrained writes it
             streamed = stream_for_apply(loaded, plan, tmp, dtype=recipe.model.dtype, in_memory=in_memory or reshard,
                                         trust_remote_code=recipe.model.trust_remote_code, report=report)
             if streamed is None:
                 folded = fold_plan(loaded.model, loaded.layout, plan)
-                unedited = None  # folded in place
         if streamed is None:
-            with _timed(timings, "save checkpoint", report):
+            with timed(timings, "save checkpoint", report):
                 stored, converted = save_dtype(recipe.model.dtype, loaded)
                 if stored != loaded.dtype:
                     report(f"saving in {_dtype_name(stored)}, " + (
@@ -291,31 +313,32 @@ def apply_recipe(
                 module = write_custom_module(tmp, loaded.model, loaded.layout, plan) if plan.module_groups else None
         else:  # streamed tensor by tensor from the base shards: same layout, the stored dtype kept
             folded, module, stored = streamed.folded, None, streamed.stored_dtype
-        with _timed(timings, "verify (reload + compare)", report):
+        with timed(timings, "verify (reload + compare)", report):
             verification, reloaded = verify_against_runtime(
                 probe, tmp, loaded, plan, recipe.verify.tolerance, stored,
                 "stream" if streamed is not None else "in-memory",
             )
         loaded.model = reloaded  # from here on, the model is the checkpoint exactly as users will load it
-        report(_verification_line(verification))
+        hand_over(tmp if verification.passed else None)
+        report(verification_line(verification))
         if not verification.passed:
             raise VerificationError(
                 f"the saved checkpoint differs from the runtime edit: {'; '.join(verification.failures())}",
                 hint="nothing was written; run with --debug and report the recipe if this is float32",
             )
-        neuron_set = _portable_neurons(neuron_set, loaded, out)  # no absolute local path in a published file
+        neuron_set = portable_neurons(neuron_set, loaded, out)  # no absolute local path in a published file
         neuron_set.save(tmp / NEURONS_FILE)
         (tmp / RECIPE_FILE).write_text(lr.text)
         evaluation = None
         if eval_spec is not None and before is not None:
-            with _timed(timings, "evaluate edited checkpoint", report):
+            with timed(timings, "evaluate edited checkpoint", report):
                 after = evaluate_edited(reloaded, loaded.tokenizer, plan.n_neurons, neuron_set.method, eval_spec, bars,
                                         kl=kl_edit)
                 evaluation = write_evaluation(tmp, merge_runs(before, after), control)
         provenance = Provenance(
             recipe=RecipeInfo(
                 path=lr.path.name, sha256=lr.sha256, text=lr.text,  # the name: no local path in a public file
-                data=_recipe_record(lr),
+                data=recipe_record(lr),
             ),
             base_model=BaseModelInfo(
                 ref=local_ref_for(loaded.source.ref, loaded.source.kind, out), kind=loaded.source.kind,
@@ -331,46 +354,20 @@ def apply_recipe(
             fit=_fit_record(fit),
             dtype=_dtype_name(stored),  # as stored, whatever the model ran in (verification.runtime_dtype)
             baked_by="stream" if streamed is not None else "in-memory",
+            execution=execution,
             verification=verification,
             files_sha256=hash_written_files(tmp),
             timings_s=timings,
             evaluation=evaluation,
         )
         write_provenance(tmp, provenance)
-        with _timed(timings, "write model card", report):  # the card and heat map join the manifest
+        with timed(timings, "write model card", report):  # the card and heat map join the manifest
             write_card(tmp, local_name=out.name, check=False)
         provenance = read_provenance(tmp)
-    exports = write_exports(lr, siblings, out, provenance, plan, loaded, unedited, overwrite, report, timings)
+    del reloaded  # the adapters are built from the base, loaded again: one model at a time
+    release_model(loaded)
+    exports = write_exports(lr, siblings, out, provenance, plan, loaded, None, overwrite, report, timings)
     return ApplyResult(out=out, provenance=provenance, timings_s=timings, exports=exports)
-
-
-#: Recipe fields ``load_recipe`` makes absolute; ``bakeedit.json`` records them as the recipe file spells them.
-_RECIPE_PATHS = (("model", "id"), ("neurons_file",), ("edit", "fit", "data"), ("evaluate", "data_dir"))
-
-
-def _recipe_record(lr: LoadedRecipe) -> dict:
-    """The recipe as run (with ``--eval-limit``), its paths as written in the file (relative to the recipe),
-    not as resolved on this machine: the record is published, and its edit must equal the text's."""
-    import yaml
-
-
-    data = lr.recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
-    written = parse_recipe(yaml.safe_load(lr.text), lr.path.name).model_dump(mode="json", by_alias=True,
-                                                                             exclude_none=True)
-    for keys in _RECIPE_PATHS:
-        source, target = written, data
-        for key in keys[:-1]:
-            source, target = source.get(key) or {}, target.get(key)
-            if not isinstance(target, dict):
-                break
-        else:
-            if keys[-1] in source:
-                target[keys[-1]] = source[keys[-1]]
-    return data
-
-
-def _portable_neurons(neuron_set: NeuronSet, loaded: LoadedModel, out: Path) -> NeuronSet:
-    return portable_neuron_set(neuron_set, loaded.source.ref, loaded.source.kind, out)
 
 
 def _fit_record(fit: FitReport | None) -> dict | None:
@@ -393,14 +390,3 @@ def verify_output(folder: Path, base: str | None = None, tolerance: float | None
     result, _ = verify_against_runtime(probe, folder, loaded, provenance.plan, tolerance,
                                        getattr(torch, provenance.dtype), provenance.baked_by)
     return result
-
-
-def _verification_line(result: VerificationResult) -> str:
-    """One line for the apply output: both legs, with the numbers the power rule compared."""
-    effect = "not measured" if result.edit_effect is None else f"{result.edit_effect:.3g}"
-    exact = f"{result.exact} ({result.exact_tensors_compared} tensors)" if result.exact != "not run" else (
-        f"not run: {result.exact_note}")
-    return (f"verification {'passed' if result.passed else 'FAILED'}: max |delta logit| "
-            f"{result.max_abs_logit_delta:.3g} (tolerance {result.tolerance:.3g}, {result.dtype}), edit effect "
-            f"{effect} (power rule {result.power}), exact leg {exact}" +
-            "".join(f"; {note}" for note in result.notes))

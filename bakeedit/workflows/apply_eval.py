@@ -4,6 +4,9 @@ Base and control are scored on the base weights before the fold (the control thr
 with the located set's per-layer/per-site counts, given the same edit); the edited model is the checkpoint reloaded
 from the staged folder, i.e. exactly what users will load. All three score the same sampled items (same tasks,
 limit and seed), so differences are paired. Without the control no debiasing claim stands, so it is on by default.
+
+Under torchrun every evaluation splits its requests over the ranks (``evaluate/sharded.py``); what only one number
+decides (the matched control's scale) is measured by rank 0 and handed to the others, so all score the same models.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bakeedit import parallel
 from bakeedit.edit import EditPlan, build_plan
 from bakeedit.evaluate.disturbance import Disturbance
 from bakeedit.evaluate.report import PLOTS_DIR, REPORT_FILE, RESULTS_FILE, write_results
@@ -51,8 +55,9 @@ def control_model(loaded: LoadedModel, control: NeuronSet, edit: EditSpec, sourc
     edit's plan) its lambdas are scaled until it disturbs the model as much as that edit (``matched_control.py``)."""
     plan = build_plan(control.neurons, edit, loaded.layout, source=source)
     matched = None
-    if matched_to is not None:
-        matched = match_control(Disturbance(loaded.model, loaded.layout, loaded.tokenizer), matched_to, control, plan)
+    if matched_to is not None:  # torchrun: rank 0 measures, every rank scores the same control (not a near one)
+        matched = parallel.from_main(match_control(Disturbance(loaded.model, loaded.layout, loaded.tokenizer),
+                                                   matched_to, control, plan) if parallel.is_main() else None)
         plan = matched.plan
     return with_runtime_edit(loaded, plan), plan, matched
 

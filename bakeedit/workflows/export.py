@@ -269,7 +269,7 @@ def write_exports(lr: LoadedRecipe, siblings: dict[str, Path], out: Path, proven
 
     def base_model() -> LoadedModel:
         if not base:
-            report("reload the base model (the in-memory fold edited it)")
+            report("reload the base model for the adapters (apply holds one model at a time)")
             base.append(load_model(lr.recipe.model))
         return base[0]
 

@@ -54,8 +54,8 @@ from bakeedit.models.embedded import EMBEDDED_ALIASES, cache_root
 from bakeedit.models.load import LoadedModel, load_model
 from bakeedit.neurons import NeuronSet
 from bakeedit.recipe import EditSpec, LoadedRecipe, LocateSpec, SearchParam, SearchSpec
-from bakeedit.workflows.apply import resolve_neurons
 from bakeedit.workflows.apply_eval import control_set
+from bakeedit.workflows.apply_steps import resolve_neurons
 from bakeedit.workflows.matched_control import match_control
 from bakeedit.workflows.outputs import protected_for_recipe
 
@@ -277,10 +277,23 @@ def front_of(rows: Sequence[TrialRow]) -> list[TrialRow]:
     return sorted(front, key=lambda r: (r.kl, -r.advantage))
 
 
+def reduces_bias(row: TrialRow) -> bool:
+    """The trial's edit itself lowered the dev bias, and by more than its matched control did."""
+    own = row.attrs.get("reduction_edited")
+    return row.advantage is not None and row.advantage > 0 and own is not None and own > 0
+
+
 def chosen_of(rows: Sequence[TrialRow]) -> TrialRow | None:
-    """The feasible trial with the largest advantage over its matched control (the smaller KL on a tie)."""
+    """The feasible trial with the largest advantage over its matched control (the smaller KL on a tie) among those
+    whose edit itself reduced the dev bias; when none did, the front's largest advantage (``render_front`` then says
+    that no trial reduced bias). An edit that raised bias, only less than its control did, is a debiasing tool's
+    last resort, not its answer."""
+    key = lambda r: (r.advantage, -r.kl)  # noqa: E731
+    good = [r for r in rows if r.feasible and r.kl is not None and reduces_bias(r)]
+    if good:
+        return max(good, key=key)
     front = front_of(rows)
-    return max(front, key=lambda r: (r.advantage, -r.kl)) if front else None
+    return max(front, key=key) if front else None
 
 
 # ------------------------------------------------------------------------------------------- running it
@@ -534,10 +547,18 @@ def render_front(lr: LoadedRecipe, front: Sequence[TrialRow], chosen: TrialRow |
                        f"{_fmt(r.attrs.get('reduction_control'), '+.3f')} | "
                        f"{_fmt(r.attrs.get('capability_drop'), '+.3f')} |")
     assert chosen is not None
-    verdict = ("it reduced bias more than its matched control on the dev split" if chosen.advantage > 0 else
-               "even it did not reduce bias more than its matched control on the dev split: do not expect the "
-               "test split to show a reduction")
-    lines += ["", f"Chosen: trial {chosen.number} (the largest advantage within the budget); {verdict}. "
+    own = chosen.attrs.get("reduction_edited")
+    if reduces_bias(chosen):
+        why, verdict = ("the largest advantage within the budget among the trials whose edit reduced bias",
+                        "it reduced the dev bias, and by more than its matched control did")
+    elif chosen.advantage is not None and chosen.advantage > 0 and own is not None:
+        why, verdict = ("the largest advantage within the budget", "no trial's edit reduced the dev bias: this one "
+                        "raised it less than its matched control did, which is no debiasing; do not expect the "
+                        "test split to show a reduction")
+    else:
+        why, verdict = ("the largest advantage within the budget", "even it did not reduce bias more than its "
+                        "matched control on the dev split: do not expect the test split to show a reduction")
+    lines += ["", f"Chosen: trial {chosen.number} ({why}); {verdict}. "
               "Bake and evaluate it on the held-out items with `bakeedit apply recipe.yaml -o OUT`.", ""]
     return "\n".join(lines)
 

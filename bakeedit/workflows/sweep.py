@@ -5,6 +5,9 @@ No checkpoint is written per lambda: the base model is loaded once and each stre
 neuron gets the swept lambda (the recipe's overrides and per-neuron lambdas are ignored: a sweep varies one
 strength); lambda 1 is the unedited base. The output folder holds ``eval/`` (results.json, report.md and plots of
 every lambda, labelled ``lambda=X``), ``sweep.json``, ``sweep.md`` and ``tradeoff.png``.
+
+Under torchrun every rank locates and evaluates its share (``bakeedit/parallel.py``: each evaluation's requests are
+split by ``evaluate/sharded.py``), every rank then holds every result, and only rank 0 writes the folder.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bakeedit import __version__
+from bakeedit import __version__, parallel
 from bakeedit.edit import build_plan
 from bakeedit.errors import RecipeError
 from bakeedit.evaluate.report import ideal_of, primary_metric, write_results
@@ -25,7 +28,7 @@ from bakeedit.io.ownership import check_output
 from bakeedit.io.staging import staged_output
 from bakeedit.models.load import load_model
 from bakeedit.recipe import EditSpec, LoadedRecipe
-from bakeedit.workflows.apply import resolve_neurons
+from bakeedit.workflows.apply_steps import resolve_neurons
 from bakeedit.workflows.outputs import protected_for_recipe
 from bakeedit.workflows.pareto import SweepPoint, pareto_front, plot_tradeoff
 
@@ -113,7 +116,7 @@ def sweep_recipe(
     progress=None,
     bars: Callable[[str, int, int], None] | None = None,
 ) -> tuple[Path, list[SweepPoint]]:
-    """Evaluate the recipe's neurons at each lambda; write the trade-off to ``out``."""
+    """Evaluate the recipe's neurons at each lambda; write the trade-off to ``out`` (under torchrun: rank 0 does)."""
     if not lambdas or any(not math.isfinite(lam) for lam in lambdas):
         raise RecipeError("--lambda: give finite numbers, e.g. 0,1,2,3")
     evaluate = lr.recipe.evaluate
@@ -140,6 +143,8 @@ def sweep_recipe(
     )
     bias, capability = choose_axis(run, "bias", bias_task), choose_axis(run, "capability", capability_task)
     points = sweep_points(run, list(dict.fromkeys(lambdas)), bias, capability)
+    if not parallel.is_main():  # torchrun: the same points on every rank; rank 0 writes them
+        return out, points
     with staged_output(out, overwrite) as tmp:
         write_results(tmp / "eval", run)
         neuron_set.save(tmp / "neurons.json")

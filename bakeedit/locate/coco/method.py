@@ -35,6 +35,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bakeedit import parallel
 from bakeedit.data import package_data_path
 from bakeedit.data.contrast import CONTRAST_FILE, ContrastItem, by_category, load_contrast_items
 from bakeedit.errors import DataError
@@ -147,7 +148,7 @@ def run_coco(loaded: LoadedModel, params: CocoParams, ctx: LocateContext) -> Neu
         on_category=None if progress is None else lambda _category: progress.advance(task, 1),
         selection=params.selection,
     )
-    if params.report is not None:
+    if params.report is not None and parallel.is_main():  # torchrun: every rank has the result, rank 0 writes
         path = Path(params.report).expanduser()
         _write_report(result.report(), path if path.is_absolute() else ctx.base_dir / path)
     return result.neuron_set()

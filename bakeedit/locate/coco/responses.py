@@ -159,12 +159,15 @@ def _record_batch(
         input_ids[r, : len(ids)] = torch.tensor(ids)
         mask[r, : len(ids)] = 1
     device = loaded.device
-    with torch.no_grad(), capture_sites(loaded.model, loaded.layout, list(addresses)) as store:
+    # each row's last ``last_tokens`` positions, gathered as each site is recorded (not the whole activations)
+    ends = torch.tensor([len(ids) for _, _, ids in rows])
+    positions = (ends[:, None] - last_tokens + torch.arange(last_tokens)[None, :]).to(device)
+    row_index = torch.arange(len(rows), device=device)[:, None]
+    with torch.no_grad(), capture_sites(loaded.model, loaded.layout, list(addresses),
+                                        keep=lambda act: act[row_index, positions]) as store:
         _forward(loaded.model, input_ids.to(device), mask.to(device))
     results: list[dict[str, torch.Tensor]] = [{} for _ in chunk]
-    for r, (i, name, ids) in enumerate(rows):
-        end = len(ids)
+    for r, (i, name, _ids) in enumerate(rows):
         for layer, site in addresses:
-            act = store[(layer, site)][r, end - last_tokens : end]
-            results[i][tensor_name(name, layer, site)] = act.float().cpu().clone()
+            results[i][tensor_name(name, layer, site)] = store[(layer, site)][r].float().cpu().clone()
     return results

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from bakeedit import parallel
 from bakeedit.edit.hooks import runtime_edit
 from bakeedit.edit.plan import build_plan
 from bakeedit.locate.ine.data import EncodedPrompt
@@ -91,44 +92,61 @@ class MaskProbe:
                 else:
                     block.forward = previous
 
-    @torch.no_grad()
-    def _bias(self) -> float:
-        total = 0.0
-        for n, start in enumerate(range(0, len(self.prompts), self.batch_size)):
-            batch = make_batch(self.prompts[start: start + self.batch_size], self.pad_id, self.device)
-            last = last_logits(self.model, batch, forward=lambda n=n, **kw: self._forward(("bias", n), **kw))
-            total += float((last[batch.rows, batch.female] - last[batch.rows, batch.male]).abs().sum())
-        return total / len(self.prompts)
+    def _bias_batch(self, n: int, chunk: list[EncodedPrompt]) -> float:
+        """Sum of ``|gap|`` over one batch of prompts."""
+        batch = make_batch(chunk, self.pad_id, self.device)
+        last = last_logits(self.model, batch, forward=lambda **kw: self._forward(("bias", n), **kw))
+        return float((last[batch.rows, batch.female] - last[batch.rows, batch.male]).abs().sum())
+
+    def _loss_batch(self, n: int, chunk: list[list[int]]) -> tuple[float, int]:
+        """Summed next-token loss and token count of one batch of probe sentences."""
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(chunk):
+            ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        out = self._forward(("loss", n), input_ids=ids, attention_mask=mask, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        return float((token_nll * mask[:, 1:]).sum()), int(mask[:, 1:].sum())
 
     @torch.no_grad()
-    def _loss(self) -> float:
-        nll, count = 0.0, 0
-        for n, start in enumerate(range(0, len(self.probe), self.batch_size)):
-            chunk = self.probe[start: start + self.batch_size]
-            width = max(map(len, chunk))
-            ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, seq in enumerate(chunk):
-                ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            out = self._forward(("loss", n), input_ids=ids, attention_mask=mask, use_cache=False)
-            logits = out.logits[:, :-1].float()
-            token_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            nll += float((token_nll * mask[:, 1:]).sum())
-            count += int(mask[:, 1:].sum())
-        return nll / count
+    def _measure(self) -> Measurement:
+        """Bias and loss with the current hooks; under torchrun each rank runs its share of the batches.
+
+        The batches are those one process cuts, dealt out whole (``parallel.deal_batches``: a rank always gets the
+        same ones, so the unmasked outputs it recorded are its own), and the per-batch sums are added in batch
+        order once gathered: the same float additions as one process makes, so the trial's numbers are identical.
+        """
+        size = self.batch_size
+        work = [("bias", n, self.prompts[s: s + size]) for n, s in enumerate(range(0, len(self.prompts), size))]
+        work += [("loss", n, self.probe[s: s + size]) for n, s in enumerate(range(0, len(self.probe), size))]
+        local: dict[tuple[str, int], object] = {}
+        for _, (kind, n, chunk) in parallel.deal_batches(work):
+            local[(kind, n)] = self._bias_batch(n, chunk) if kind == "bias" else self._loss_batch(n, chunk)
+        parts = parallel.gather_mapping(local)
+        bias, nll, count = 0.0, 0.0, 0
+        for kind, n, _ in work:
+            if kind == "bias":
+                bias += parts[(kind, n)]
+            else:
+                batch_nll, batch_count = parts[(kind, n)]
+                nll += batch_nll
+                count += batch_count
+        return Measurement(bias / len(self.prompts), nll / count)
 
     def __call__(self, addresses: Sequence[Address]) -> Measurement:
         self.calls += 1
         if not addresses:
             self._skip = 0
-            return Measurement(self._bias(), self._loss())
+            return self._measure()
         neurons = [Neuron(layer=layer, site=site, index=index) for layer, site, index in addresses]
         plan = build_plan(neurons, EditSpec.model_validate({"lambda": 0.0}), self.layout, source="ine candidates")
         self._skip = min(layer for layer, _, _ in addresses) if self.reuse_lower else 0
         try:
             with runtime_edit(self.model, self.layout, plan):
-                return Measurement(self._bias(), self._loss())
+                return self._measure()
         finally:
             self._skip = 0
 

@@ -17,6 +17,11 @@ Three steps, each in its own module:
 The edit is masking: recipes use ``edit: {lambda: 0.0}``. Scores on the NeuronSet are the logit-based importance in
 nats of gap (mean over prompts); the side report has the causal numbers. Per-prompt scores and each masking trial
 are cached, so an interrupted run resumes.
+
+Under torchrun every step splits its prompts over the ranks and gathers them (``bakeedit/parallel.py``): the value
+and query scores deal out whole prompt batches, and each masking trial deals out its bias and probe batches
+(:class:`~bakeedit.locate.ine.causal.MaskProbe`); the batches are those one process forms and the sums run in its
+order, so every rank gets the single-process NeuronSet bit for bit.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from bakeedit import parallel
 from bakeedit.errors import DataError
 from bakeedit.locate.cache import ItemCache
 from bakeedit.locate.ine.causal import Address, CausalResult, MaskProbe, Measurement, select_by_masking
@@ -147,18 +153,27 @@ def _item_id(p: EncodedPrompt) -> str:
 
 
 def _cached_batches(prompts: list[EncodedPrompt], cache: ItemCache, batch_size: int, compute, progress, task):
-    """Per prompt ``dict[str, Tensor]`` from the cache, computing the missing ones ``batch_size`` at a time."""
+    """Per prompt ``dict[str, Tensor]`` from the cache, computing the missing ones ``batch_size`` at a time.
+
+    Under torchrun the missing prompts are those missing on any rank (each rank reads its own cache folder, which
+    need not be shared); they are cut into the batches one process would cut and whole batches are dealt out
+    (:func:`bakeedit.parallel.deal_batches`), so every prompt is scored once, with the same batch companions as in
+    one process, and :func:`~bakeedit.parallel.gather_mapping` hands every rank all of them.
+    """
     entries = {i: cache.get(_item_id(p)) for i, p in enumerate(prompts)}
     if progress is not None:
         progress.update(task, advance=sum(e is not None for e in entries.values()))
-    todo = [i for i, e in entries.items() if e is None]
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start: start + batch_size]
+    missing = [i for i, e in entries.items() if e is None]
+    todo = sorted(set().union(*parallel.gather_objects(missing)))  # also: every rank has read before any writes
+    batches = [todo[start: start + batch_size] for start in range(0, len(todo), batch_size)]
+    computed: dict[int, dict[str, torch.Tensor]] = {}
+    for _, chunk in parallel.deal_batches(batches):  # all of them in a plain run
         for i, entry in zip(chunk, compute(chunk), strict=True):
             cache.put(_item_id(prompts[i]), entry)
-            entries[i] = entry
+            computed[i] = entry
         if progress is not None:
             progress.update(task, advance=len(chunk))
+    entries.update(parallel.gather_mapping(computed))
     return [entries[i] for i in range(len(prompts))]
 
 
@@ -278,11 +293,14 @@ def _causal(loaded: LoadedModel, params: IneParams, ctx: LocateContext, prompts:
 
     def measure(addresses: list[Address]) -> Measurement:
         key = json.dumps(sorted(list(a) for a in addresses))
-        hit = cache.get(key)
+        # torchrun: rank 0's cache decides, so that every rank runs the same trials (each one a collective);
+        # only rank 0 writes the entry, and the measurement is the same on every rank
+        hit = parallel.from_main(cache.get(key) if parallel.is_main() else None)
         if hit is not None:
             return Measurement(float(hit["m"][0]), float(hit["m"][1]))
         m = mask_probe(addresses)
-        cache.put(key, {"m": torch.tensor([m.bias, m.loss], dtype=torch.float64)})
+        if parallel.is_main():
+            cache.put(key, {"m": torch.tensor([m.bias, m.loss], dtype=torch.float64)})
         return m
 
     progress = ctx.progress
@@ -307,7 +325,7 @@ def _causal(loaded: LoadedModel, params: IneParams, ctx: LocateContext, prompts:
           "gender bias (arXiv 2501.14457)")
 def run_ine(loaded: LoadedModel, params: IneParams, ctx: LocateContext) -> NeuronSet:
     result = locate_ine(loaded, params, ctx)
-    if params.report is not None:
+    if params.report is not None and parallel.is_main():  # torchrun: every rank has the result, rank 0 writes
         path = _path(params.report, ctx)
         assert path is not None
         path.parent.mkdir(parents=True, exist_ok=True)

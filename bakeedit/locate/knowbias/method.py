@@ -357,7 +357,7 @@ def locate_knowbias(loaded: LoadedModel, params: KnowBiasParams, ctx: LocateCont
 @register("knowbias", KnowBiasParams, "integrated gradients on yes/no bias-knowledge questions (arXiv 2601.21864)")
 def run_knowbias(loaded: LoadedModel, params: KnowBiasParams, ctx: LocateContext) -> NeuronSet:
     result = locate_knowbias(loaded, params, ctx)
-    if params.report is not None:
+    if params.report is not None and parallel.is_main():  # torchrun: every rank has the result, rank 0 writes
         path = Path(params.report).expanduser()
         path = path if path.is_absolute() else ctx.base_dir / path
         path.parent.mkdir(parents=True, exist_ok=True)
