@@ -28,11 +28,12 @@ RESULTS_WHAT = "results file"
 
 
 def _load(ref: str, device_map: str | None = None, trust_remote_code: bool = False, execution: str = "auto",
-          label: str = "model") -> Any:
-    """Load one model with the chosen execution and say, in one line, which path it took and why."""
+          label: str = "model", report: Any = None) -> Any:
+    """Load one model with the chosen execution and say, in one progress line, which path it took and why."""
     loaded = load_model(ModelSpec(id=ref, device_map=device_map, trust_remote_code=trust_remote_code),
                         execution=execution)
-    console.print(f"{label}: execution {loaded.execution_reason}", soft_wrap=True, highlight=False, markup=False)
+    if report is not None:
+        report(f"{label}: execution {loaded.execution_reason}")
     return loaded
 
 
@@ -174,14 +175,14 @@ def eval_command(model: str, tasks: str, limit: int | None, seed: int, split: st
     with command_progress() as (progress, report):  # rich on a terminal, plain lines in a log
         report("load models")
         if baseline is not None:
-            base = _load(baseline, device_map, execution=execution, label="base")
+            base = _load(baseline, device_map, execution=execution, label="base", report=report)
             models["base"] = base
             descriptions["base"] = {"ref": baseline, "description": f"`{baseline}`"}
             if control is not None:
                 models["control"], what = _control(control, base, model, control_lambda)
                 descriptions["control"] = {"ref": baseline, "neurons": str(control), "description": what}
         label = "edited" if baseline is not None else "model"
-        models[label] = _load(model, device_map, trust_remote_code, execution, label)
+        models[label] = _load(model, device_map, trust_remote_code, execution, label, report)
         descriptions[label] = {"ref": model, "description": f"`{model}`"}
         report("evaluate")
         run = evaluate_models(

@@ -86,7 +86,7 @@ def locate_command(recipe: Path, out: Path, cache_dir: Path | None, overwrite: b
     with command_progress() as (progress, report):  # rich on a terminal, plain lines in a log
         report("load model")
         loaded = load_model(lr.recipe.model, execution=execution or spec.execution)
-        console.print(f"execution: {loaded.execution_reason}", soft_wrap=True, highlight=False, markup=False)
+        report(f"execution: {loaded.execution_reason}")  # a progress line: which path, and why
         loaded_s = time.perf_counter() - start
         report(f"locate neurons ({spec.method})")
         ctx = LocateContext(cache_dir=ctx_cache, progress=progress, base_dir=lr.path.parent)

@@ -134,6 +134,7 @@ def choose_path(lr: LoadedRecipe, source: ModelSource, siblings: dict[str, Path]
     Otherwise the low-memory path is taken when the checkpoint, in the dtype the model would run in, does not fit in
     available memory and the recipe allows it; when it does not fit but the recipe needs it in memory, the full
     path is tried anyway and ``report`` says it may run out of memory."""
+    read_config_json(source.path)  # a malformed config.json, named, before the size is weighed from it
     if low_memory and in_memory:
         raise RecipeError("--low-memory and --in-memory exclude each other: one streams the bake, the other folds "
                           "the loaded model")
