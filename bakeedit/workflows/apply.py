@@ -19,7 +19,6 @@ score their share of its evaluation (:func:`_follow_main`), so every rank scores
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -77,6 +76,7 @@ from bakeedit.workflows.apply_steps import (
     Reporter,
     portable_neurons,
     recipe_record,
+    release_model,
     resolve_neurons,
     timed,
     verification_line,
@@ -154,13 +154,6 @@ def verify_against_runtime(
         result.notes.append(f"the model ran in {_dtype_name(loaded.dtype)}; the checkpoint is stored in "
                             f"{_dtype_name(saved_dtype)}, whose tolerance applies")
     return result, reloaded
-
-
-def release_model(loaded: LoadedModel) -> None:
-    """Drop ``loaded``'s model (tokenizer, layout, source and dtype stay) and collect it, before another model is
-    loaded: apply holds one model at a time, whatever its size."""
-    loaded.model = None  # type: ignore[assignment]
-    gc.collect()
 
 
 def load_baked(folder: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

@@ -23,7 +23,6 @@ reported and recorded in ``bakeedit.json`` (``execution``). :func:`verify_output
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 import torch
@@ -73,6 +72,7 @@ from bakeedit.workflows.apply_steps import (
     Reporter,
     portable_neurons,
     recipe_record,
+    release_model,
     resolve_neurons,
     timed,
     verification_line,
@@ -273,7 +273,7 @@ def apply_low_memory(
         evaluation = None
         if eval_spec is not None and before is not None:
             tokenizer, device = loaded.tokenizer, loaded.device
-            loaded = _released(loaded)  # the base's blockwise model: the edited one reads the staged folder
+            release_model(loaded)  # the base's blockwise model: the edited one reads the staged folder
             with timed(timings, "evaluate edited checkpoint (blockwise)", report):
                 edited = lazy_model(tmp, config, loaded.dtype, device,
                                     trust_remote_code=recipe.model.trust_remote_code, arch=recipe.model.arch)
@@ -304,16 +304,9 @@ def apply_low_memory(
         with timed(timings, "write model card", report):
             write_card(tmp, local_name=out.name, check=False)
         provenance = read_provenance(tmp)
-    loaded = _released(loaded)
+    release_model(loaded)
     exports = write_exports(lr, siblings, out, provenance, plan, loaded, None, overwrite, report, timings)
     return ApplyResult(out=out, provenance=provenance, timings_s=timings, exports=exports)
-
-
-def _released(loaded: LoadedModel) -> LoadedModel:
-    """``loaded`` without its model (layout, source and tokenizer kept), the model collected."""
-    loaded.model = None  # type: ignore[assignment]
-    gc.collect()
-    return loaded
 
 
 # ------------------------------------------------------------------------------------------------ verify --blocks

@@ -6,6 +6,7 @@ than from the other.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -116,3 +117,10 @@ def verification_line(result: VerificationResult) -> str:
             f"{result.max_abs_logit_delta:.3g} (tolerance {result.tolerance:.3g}, {result.dtype}), edit effect "
             f"{effect} (power rule {result.power}), exact leg {exact}" +
             "".join(f"; {note}" for note in result.notes))
+
+
+def release_model(loaded: LoadedModel) -> None:
+    """Drop ``loaded``'s model (tokenizer, layout, source and dtype stay) and collect it, before another model is
+    loaded: apply holds one model at a time, whatever its size."""
+    loaded.model = None  # type: ignore[assignment]
+    gc.collect()
