@@ -3,7 +3,7 @@
     BAKEEDIT_DATA_DIR=../shared/data .venv/bin/python bench/results.py [--models smollm2,gemma3]
         [--methods knowbias,knowbias_last,ine,coco,ne_coco] [--trials 12] [--search-limit 60] [--test-limit 150]
         [--work out/results] [--write docs/results.md]
-    .venv/bin/python bench/results.py --recipes recipes/search-*.yaml ...   # other search recipes (a GPU's)
+    .venv/bin/python bench/results.py --recipes recipes/knowbias-llama3-8b.yaml ...   # any recipes, as given (a GPU's)
 
 For each model and method it runs the user's path, each step a ``bakeedit`` command in a child process:
 
@@ -16,6 +16,11 @@ For each model and method it runs the user's path, each step a ``bakeedit`` comm
 3. one row per metric of the table: the searched values, neurons and sites, bias (BBQ s_AMB / s_DIS, CrowS
    |pct - 50|, StereoSet ICAT, WinoGender |gap|) and the capability mean, each edited - base and edited - control
    as paired delta +/- SE with the verdict, the KL of edit and control on neutral text, and the wall time.
+
+``--recipes`` runs the named recipes instead, their model, locate and edit unchanged (the paper-setting recipes,
+``recipes/*-llama3-8b.yaml`` and the like, on a GPU): one with a ``search:`` block is searched and its choice
+applied as above; one without is applied as written, its evaluation moved to the test split with the table's tasks
+added to its own (its limit kept, the KL-matched control on). Each gets a folder named after the recipe.
 
 Resumable: a search continues its SQLite study, a finished apply (its ``bakeedit.json`` names the chosen recipe's
 sha256) is not redone, so the same command after an interruption picks up where it stopped. The table is written
@@ -84,6 +89,12 @@ def model_recipe(source: Path, model: str, work: Path, test_limit: int) -> Path:
         layers = raw.get("search", {}).get("space", {}).get("locate.layer_range")
         if layers:
             layers["high"] = min(layers["high"], 17)  # Gemma-3-270M has 18 layers
+    return write_recipe(raw, source, work / "search.yaml")
+
+
+def write_recipe(raw: dict[str, Any], source: Path, path: Path) -> Path:
+    """``raw`` (read from ``source``) written to ``path`` with the data directory of ``$BAKEEDIT_DATA_DIR`` and its
+    data files made absolute; left untouched when unchanged, so a resumed run sees the same recipe hash."""
     data_dir = os.environ.get("BAKEEDIT_DATA_DIR")
     if data_dir:
         raw["evaluate"]["data_dir"] = str(Path(data_dir).resolve())
@@ -91,8 +102,7 @@ def model_recipe(source: Path, model: str, work: Path, test_limit: int) -> Path:
         value = (raw.get("locate") or {}).get(key)
         if isinstance(value, str) and (source.parent / value).exists():
             raw["locate"][key] = str((source.parent / value).resolve())
-    work.mkdir(parents=True, exist_ok=True)
-    path = work / "search.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(raw, sort_keys=False)
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
@@ -131,14 +141,81 @@ def refusal(log: Path) -> str | None:
     return lines[i].removeprefix("error: ") + (f" ({hint})" if hint else "")
 
 
+def given_recipe(source: Path, work: Path, test_limit: int) -> tuple[Path, bool]:
+    """``source`` as written into ``work`` (``recipe.yaml``), its model, locate and edit unchanged; whether it is a
+    search recipe. A search recipe gets the table's tasks for its test report, as :func:`model_recipe` does; a
+    recipe without ``search:`` keeps its own evaluation, moved to the test split with the table's tasks added and
+    the KL-matched control on, so that its row has the same columns as the searched ones."""
+    raw = yaml.safe_load(source.read_text())
+    if not isinstance(raw, dict):
+        raise SystemExit(f"{source}: not a recipe (a YAML mapping)")
+    evaluate = dict(raw.get("evaluate") or {})
+    if raw.get("search"):
+        evaluate.update(tasks=TASKS, limit=test_limit, seed=evaluate.get("seed", 0))
+    else:
+        evaluate["tasks"] = list(dict.fromkeys([*(evaluate.get("tasks") or []), *TASKS]))
+        evaluate.update(split="test", control=True, control_match="kl")
+    raw["evaluate"] = evaluate
+    searched = bool(raw.get("search"))
+    return write_recipe(raw, source, work / ("search.yaml" if searched else "recipe.yaml")), searched
+
+
+def label_of(result: dict[str, Any]) -> str:
+    """What a row calls its method: the built-in name, or a given recipe's name and method."""
+    return result.get("label") or METHODS[result["method"]][1]
+
+
 def one(model: str, method: str, recipe_source: Path, work: Path, opts: argparse.Namespace) -> dict[str, Any]:
     """Search, then apply the chosen recipe (each only if not done); the row's numbers."""
     folder = work / f"{model}-{method}"
     recipe = model_recipe(recipe_source, model, folder, opts.test_limit)
+    return search_and_apply(model, method, recipe, folder, opts)
+
+
+def one_given(source: Path, work: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    """A ``--recipes`` recipe: searched and its choice applied, or applied as written; the row's numbers."""
+    name, model, method, label = given_identity(source)
+    folder = work / name
+    recipe, searched = given_recipe(source, folder, opts.test_limit)
+    if searched:
+        return {**search_and_apply(model, method, recipe, folder, opts), "label": label}
+    return {**apply_given(model, method, recipe, folder, opts), "label": label}
+
+
+def given_identity(source: Path) -> tuple[str, str, str, str]:
+    """A ``--recipes`` recipe's folder name, model, method and row label."""
+    raw = yaml.safe_load(source.read_text()) or {}
+    name = str(raw.get("name") or source.stem)
+    model = raw.get("model") or {}
+    model = str(model.get("id", "?") if isinstance(model, dict) else model)
+    method = str((raw.get("locate") or {}).get("method") or ("listed neurons" if raw.get("neurons") else "?"))
+    return name, model, method, f"{name} ({method}{'' if raw.get('search') else ', as given'})"
+
+
+def apply_given(model: str, method: str, recipe: Path, folder: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    """Apply a recipe without a search (only if its ``bakeedit.json`` does not already name this recipe)."""
+    log = folder / "log.txt"
+    times = json.loads((folder / "times.json").read_text()) if (folder / "times.json").exists() else {}
+    baked = folder / "baked"
+    digest = hashlib.sha256(recipe.read_bytes()).hexdigest()
+    prov_path = baked / "bakeedit.json"
+    if not (prov_path.exists() and json.loads(prov_path.read_text()).get("recipe", {}).get("sha256") == digest):
+        print(f"[{folder.name}] apply as given (test split)", flush=True)
+        wall, cpu = run(["apply", str(recipe), "-o", str(baked), "--overwrite"], log)
+        times["apply"], times["apply_cpu"] = wall, cpu
+    times["command"], times["date"] = opts.command, datetime.date.today().isoformat()
+    (folder / "times.json").write_text(json.dumps(times))
+    summary = {"chosen": None, "chosen_values": {}, "as_given": True}
+    return {"model": model, "method": method, "summary": summary, "baked": baked, "times": times}
+
+
+def search_and_apply(model: str, method: str, recipe: Path, folder: Path,
+                     opts: argparse.Namespace) -> dict[str, Any]:
+    """``bakeedit search`` on ``recipe`` into ``folder``, then ``bakeedit apply`` of its choice on the test split."""
     log, times = folder / "log.txt", json.loads((folder / "times.json").read_text()) if (
         folder / "times.json").exists() else {}
     search_out = folder / "search"
-    print(f"[{model} {method}] search ({opts.trials} trials, dev split)", flush=True)
+    print(f"[{folder.name}] search ({opts.trials} trials, dev split)", flush=True)
     try:
         wall, cpu = run(["search", str(recipe), "-o", str(search_out), "--trials", str(opts.trials), "--limit",
                          str(opts.search_limit), "--storage", str(folder / "study.db"), "--overwrite"], log)
@@ -146,7 +223,7 @@ def one(model: str, method: str, recipe_source: Path, work: Path, opts: argparse
         if not (reason := refusal(log)):
             raise
         (folder / FAILED).write_text(json.dumps({"reason": reason, "command": opts.command}))
-        print(f"[{model} {method}] refused: {reason}", flush=True)
+        print(f"[{folder.name}] refused: {reason}", flush=True)
         return {"model": model, "method": method, "failed": reason}
     (folder / FAILED).unlink(missing_ok=True)
     times["search"] = times.get("search", 0.0) + wall
@@ -161,7 +238,7 @@ def one(model: str, method: str, recipe_source: Path, work: Path, opts: argparse
     prov_path = baked / "bakeedit.json"
     done = prov_path.exists() and json.loads(prov_path.read_text()).get("recipe", {}).get("sha256") == digest
     if not done:
-        print(f"[{model} {method}] apply the chosen recipe (test split)", flush=True)
+        print(f"[{folder.name}] apply the chosen recipe (test split)", flush=True)
         wall, cpu = run(["apply", str(chosen), "-o", str(baked), "--overwrite"], log)
         times["apply"], times["apply_cpu"] = wall, cpu
     times["command"] = opts.command
@@ -192,12 +269,13 @@ def rows_of(result: dict[str, Any]) -> list[str]:
     from bakeedit.evaluate.report import read_results
 
     if "failed" in result:
-        return [f"| {result['model']} | {METHODS[result['method']][1]} | refused by bakeedit: {result['failed']} "
+        return [f"| {result['model']} | {label_of(result)} | refused by bakeedit: {result['failed']} "
                 "| | | | | | | | |"]
-    model, method, summary = result["model"], result["method"], result["summary"]
+    model, summary = result["model"], result["summary"]
     values = ", ".join(f"{k.removeprefix('locate.')}={v:.3g}" if isinstance(v, float) else
                        f"{k.removeprefix('locate.')}={v}" for k, v in (summary.get("chosen_values") or {}).items())
-    head = f"| {model} | {METHODS[method][1]} | {values or 'no feasible trial'} |"
+    searched = "as given (no search)" if summary.get("as_given") else values or "no feasible trial"
+    head = f"| {model} | {label_of(result)} | {searched} |"
     blank = "| | | |"  # the rows after a group's first leave its identity cells empty
     if result["baked"] is None:
         return [f"{head} | | not baked: no trial met the budget | | | | | |"]
@@ -238,6 +316,7 @@ def rows_of(result: dict[str, Any]) -> list[str]:
 
 
 def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], command: str) -> str:
+    """The table: ``results`` (see :func:`one`) as rows, then ``pending`` (model, method label) as 'not run yet'."""
     lines = [
         "# Results", "",
         f"{'Rendered' if '--only-render' in command else 'Produced'} by `{command}` on "
@@ -255,8 +334,8 @@ def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], comman
     ]
     for r in results:
         lines += rows_of(r)
-    for model, method in pending:
-        lines.append(f"| {model} | {METHODS[method][1]} | not run yet | | | | | | | | |")
+    for model, label in pending:
+        lines.append(f"| {model} | {label} | not run yet | | | | | | | | |")
     runs = [(r["model"], r["method"], r["times"]) for r in results if r.get("times", {}).get("command")]
     if runs:
         lines += ["", "Runs (each resumable; the table is re-rendered from their folders):", ""]
@@ -265,6 +344,24 @@ def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], comman
                   f"{t.get('apply_cpu', 0) / 60:.0f} CPU min)" for m, meth, t in runs]
     lines.append("")
     return "\n".join(lines)
+
+
+def finished(folder: Path, model: str, method: str, as_given: bool) -> dict[str, Any] | None:
+    """The result of a run folder for ``--only-render``: its refusal, its search without a feasible trial, or its
+    baked checkpoint; None while it is not done."""
+    if (folder / FAILED).exists():
+        return {"model": model, "method": method, "failed": json.loads((folder / FAILED).read_text())["reason"]}
+    times = json.loads((folder / "times.json").read_text()) if (folder / "times.json").exists() else {}
+    baked = folder / "baked" if (folder / "baked" / "bakeedit.json").exists() else None
+    if as_given:
+        summary = {"chosen": None, "chosen_values": {}, "as_given": True}
+        return {"model": model, "method": method, "summary": summary, "baked": baked, "times": times} if baked else None
+    if not (folder / "search" / "search.json").exists():
+        return None
+    summary = json.loads((folder / "search" / "search.json").read_text())
+    if baked is None and summary["chosen"] is not None:
+        return None
+    return {"model": model, "method": method, "summary": summary, "baked": baked, "times": times}
 
 
 def main() -> None:
@@ -277,30 +374,30 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "out" / "results")
     ap.add_argument("--write", type=Path, default=None, help="write the table here (e.g. docs/results.md)")
     ap.add_argument("--only-render", action="store_true", help="write the table from the runs done so far")
+    ap.add_argument("--recipes", type=Path, nargs="+", default=None,
+                    help="run these recipes instead of --models x --methods, their model, locate and edit unchanged "
+                         "(searched when they have a search: block, applied as written otherwise)")
     opts = ap.parse_args()
     command = "python bench/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     opts.command = command
     results, pending = [], []
-    for model in opts.models.split(","):
-        for method in opts.methods.split(","):
-            folder = opts.work / f"{model}-{method}"
-            if opts.only_render:
-                if (folder / FAILED).exists():
-                    results.append({"model": model, "method": method,
-                                    "failed": json.loads((folder / FAILED).read_text())["reason"]})
-                    continue
-                if (folder / "search" / "search.json").exists():
-                    summary = json.loads((folder / "search" / "search.json").read_text())
-                    baked = folder / "baked" if (folder / "baked" / "bakeedit.json").exists() else None
-                    if baked is not None or summary["chosen"] is None:
-                        times = json.loads((folder / "times.json").read_text()) if (
-                            folder / "times.json").exists() else {}
-                        results.append({"model": model, "method": method, "summary": summary, "baked": baked,
-                                        "times": times})
-                        continue
-                pending.append((model, method))
+    if opts.recipes:
+        for source in opts.recipes:
+            if not source.is_file():
+                raise SystemExit(f"{source}: no such recipe")
+            if not opts.only_render:
+                results.append(one_given(source, opts.work, opts))
                 continue
-            results.append(one(model, method, ROOT / METHODS[method][0], opts.work, opts))
+            name, model, method, label = given_identity(source)
+            done = finished(opts.work / name, model, method, as_given=label.endswith(", as given)"))
+            results.append({**done, "label": label}) if done else pending.append((model, label))
+    for model in [] if opts.recipes else opts.models.split(","):
+        for method in opts.methods.split(","):
+            if not opts.only_render:
+                results.append(one(model, method, ROOT / METHODS[method][0], opts.work, opts))
+                continue
+            done = finished(opts.work / f"{model}-{method}", model, method, as_given=False)
+            results.append(done) if done else pending.append((model, METHODS[method][1]))
     table = render(results, pending, command)
     print(table)
     if opts.write:
