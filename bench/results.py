@@ -315,6 +315,45 @@ def rows_of(result: dict[str, Any]) -> list[str]:
     return out
 
 
+BBQ_CATEGORY = [("bias_ambig", "s_AMB"), ("bias_disambig", "s_DIS")]
+
+
+def bbq_category_rows(result: dict[str, Any]) -> list[str]:
+    """BBQ's s_AMB and s_DIS per category of one baked run: the base value, edited - base and edited - control as
+    paired cluster-bootstrap differences on the category's own test items (each model scored the same items)."""
+    from bakeedit.evaluate.compare import ideal_of
+    from bakeedit.evaluate.report import read_results
+    from bakeedit.evaluate.stats import paired_bootstraps
+    from bakeedit.evaluate.tasks.base import get_task
+
+    if result.get("baked") is None or "failed" in result:
+        return []
+    run = read_results(result["baked"] / "eval")
+    by = {lab: r for lab, rs in run.results.items() for r in rs if r.task == "bbq"}
+    if not {"base", "edited", "control"} <= set(by) or any(r.items is None for r in by.values()):
+        return []
+    base = by["base"]
+    fn = get_task("bbq", **base.extra).item_metrics
+    directions = {k: (ideal_of(base, k), m.higher_is_better) for k, m in base.metrics.items()}
+    pairs = [("edited", "base"), ("edited", "control")]
+    seed = int(run.config.get("seed", 0) or 0)
+    out = []
+    for category in sorted(set(base.items.labels["category"])):
+        scores = {lab: r.items.subset(r.items.labels["category"] == category) for lab, r in by.items()}
+        paired = paired_bootstraps(scores, pairs, fn, directions, seed=seed)
+        observed = fn(scores["base"])
+        cells = []
+        for metric, _ in BBQ_CATEGORY:
+            cells.append(f"{observed.get(metric, float('nan')):.3g}")
+            for pair in pairs:
+                d = paired[pair].get(metric)
+                cells.append("n/a" if d is None else f"{d.delta:+.3g}" + (f" ± {d.se:.2g}" if d.se is not None
+                                                                          else ""))
+        label = label_of(result)
+        out.append(f"| {result['model']} | {label} | {category} | {len(scores['base'])} | {' | '.join(cells)} |")
+    return out
+
+
 def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], command: str) -> str:
     """The table: ``results`` (see :func:`one`) as rows, then ``pending`` (model, method label) as 'not run yet'."""
     lines = [
@@ -336,6 +375,15 @@ def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], comman
         lines += rows_of(r)
     for model, label in pending:
         lines.append(f"| {model} | {label} | not run yet | | | | | | | | |")
+    categories = [row for r in results for row in bbq_category_rows(r)]
+    if categories:
+        sizes = [int(row.split(" | ")[3]) for row in categories]
+        lines += ["", f"BBQ per category: the table's test items split by category ({min(sizes)}-{max(sizes)} items "
+                  "each, so most of these differences are within noise), paired cluster-bootstrap SEs, no "
+                  "correction for the many comparisons: read them as a description, not as verdicts.", "",
+                  "| model | method | category | items | s_AMB base | edited - base | edited - control | "
+                  "s_DIS base | edited - base | edited - control |",
+                  "|---|---|---|---|---|---|---|---|---|---|", *categories]
     runs = [(r["model"], r["method"], r["times"]) for r in results if r.get("times", {}).get("command")]
     if runs:
         lines += ["", "Runs (each resumable; the table is re-rendered from their folders):", ""]

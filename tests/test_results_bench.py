@@ -50,6 +50,12 @@ def test_a_recipe_without_search_is_applied_as_given_on_the_test_split(tmp_path,
     assert rows and "| paper-setting (listed neurons, as given) | as given (no search) |" in rows[0]
     assert "2 (attn.v 1, mlp.act 1)" in rows[0] and "BBQ s_AMB" in rows[0]
     assert any("WinoGender" in line for line in table.read_text().splitlines())
+    # BBQ per category: the test items split by category, so the categories' item counts add up to the task's
+    categories = [line.split(" | ") for line in table.read_text().split("BBQ per category")[1].splitlines()
+                  if line.startswith(f"| {base} |")]
+    bbq_n = next(r["n"] for r in json.loads((folder / "baked" / "eval" / "results.json").read_text())["results"]
+                 ["base"] if r["task"] == "bbq")
+    assert categories and sum(int(row[3]) for row in categories) == bbq_n == 4
 
     # again: the baked folder names this recipe's hash, so nothing is re-applied; only-render gives the same row
     again = _results("--recipes", str(recipe), "--work", str(work), cwd=tmp_path, data=shared_data)
