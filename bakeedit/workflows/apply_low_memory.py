@@ -46,7 +46,7 @@ from bakeedit.export.stream import edited_dtype, load_config, stream_bake, strea
 from bakeedit.export.verify import VerificationResult
 from bakeedit.export.verify_blocks import verify_blocks
 from bakeedit.io.hashing import BackgroundHashes
-from bakeedit.io.shards import is_safetensors_checkpoint
+from bakeedit.io.shards import Checkpoint, is_safetensors_checkpoint
 from bakeedit.io.staging import staged_output
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.custom import is_custom_module
@@ -314,9 +314,13 @@ def apply_low_memory(
 
 def verify_output_blocks(folder: Path, base: str | None = None, tolerance: float | None = None) -> VerificationResult:
     """``bakeedit verify --blocks``: the manifest check of ``bakeedit verify``, then ``verify_blocks`` of the folder
-    against the base its ``bakeedit.json`` records (``base`` overrides where it is), never loading a full model."""
+    against the base its ``bakeedit.json`` records (``base`` overrides where it is), never loading a full model.
+
+    The base's shards are hashed on the other core while the manifest check hashes the folder's, and a shard whose
+    digest equals its baked namesake's (which the manifest check has just confirmed) is not read again for its
+    untouched tensors: every file is read once, and only the shards that differ twice (as apply does)."""
     folder = Path(folder)
-    provenance = check_folder(folder)
+    provenance = check_folder(folder, hash_files=False)  # the record alone: which base, which edit
     plan = provenance.plan
     if plan.kind != "scale" or plan.module_groups:
         raise VerificationError(f"{folder}: --blocks checks folded linear edits; this folder's edit is (partly) a "
@@ -328,9 +332,17 @@ def verify_output_blocks(folder: Path, base: str | None = None, tolerance: float
         raise VerificationError(f"{folder}: the base '{spec.id}' is not a folder of safetensors shards, which "
                                 "--blocks reads block by block", hint="pass --base with the base's safetensors folder")
     try:
+        shards = [shard.path for shard in Checkpoint.open(source.path).shards]
+        with BackgroundHashes() as hashes:
+            for shard in shards:
+                hashes.add(shard)
+            provenance = check_folder(folder)  # every file of the folder hashed, meanwhile
+            base_digests = {path.name: digest for path, digest in hashes.result().items()}
+        same = {name for name, digest in base_digests.items() if provenance.files_sha256.get(name) == digest}
         layout = ModelLayout.for_config(load_config(source.path, spec.trust_remote_code), arch=spec.arch)
         checked = verify_blocks(source.path, folder, plan, tolerance=tolerance, layout=layout,
-                                trust_remote_code=spec.trust_remote_code, baked_by=provenance.baked_by)
+                                trust_remote_code=spec.trust_remote_code, baked_by=provenance.baked_by,
+                                same_files=same)
     except (EditError, ModelLoadError) as exc:
         raise VerificationError(f"{folder}: the block verification could not run: {exc}", hint=exc.hint) from exc
     return checked.result

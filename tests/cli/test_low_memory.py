@@ -168,9 +168,21 @@ def test_verify_blocks_passes_and_catches_one_flipped_byte(tmp_path, monkeypatch
     refuse_full_models(monkeypatch)
     out = tmp_path / "low"
     assert run("apply", recipe(tmp_path, base), "-o", out, "--low-memory").exit_code == 0
+    from bakeedit.export import verify_blocks
+
+    compared: list[str] = []  # the untouched tensors whose bytes the exact leg reads from both checkpoints
+    real_same_bytes = verify_blocks._same_bytes
+    monkeypatch.setattr(verify_blocks, "_same_bytes",
+                        lambda a, b, name: compared.append(name) or real_same_bytes(a, b, name))
     good = run("verify", "--blocks", out)
     assert good.exit_code == 0, good.output
     assert "verified" in good.stderr and "exact leg: passed" in good.stderr and "3 edited blocks" in good.stderr
+    # a shard equal to the base's (the base hashed beside the manifest check) is not read again for its untouched
+    # tensors; every other untouched tensor still is
+    where, same = Checkpoint.open(base).where, {p.name for p in base.glob("*.safetensors")
+                                                if (out / p.name).read_bytes() == p.read_bytes()}
+    in_same = [name for name, shard in where.items() if shard.path.name in same]
+    assert in_same and compared and not set(compared) & set(in_same), (same, compared)
 
     plain = tmp_path / "plain"  # one byte changed, the manifest left alone: refused before any weight is read
     shutil.copytree(out, plain)
