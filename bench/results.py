@@ -287,7 +287,10 @@ def rows_of(result: dict[str, Any]) -> list[str]:
     for n in json.loads((baked / "neurons.json").read_text())["neurons"]:
         sites[n["site"]] = sites.get(n["site"], 0) + 1
     neurons = f"{sum(sites.values())} ({', '.join(f'{s} {c}' for s, c in sorted(sites.items()))})"
-    kl = "/".join(f"{run.models.get(lab, {}).get('kl', float('nan')):.3g}" for lab in ("edited", "control"))
+    kls = [run.models.get(lab, {}).get("kl", float("nan")) for lab in ("edited", "control")]
+    kl = "/".join(f"{x:.3g}" for x in kls)
+    if not abs(kls[1] - kls[0]) <= 0.05 * max(kls[0], 1e-12):  # the matcher's tolerance; NaN is not matched
+        kl += " (**control not KL-matched**)"
     minutes = (result["times"].get("search", 0) + result["times"].get("apply", 0)) / 60
     by = {(r.task, lab): r for lab, rs in run.results.items() for r in rs}
     out = []
