@@ -357,6 +357,35 @@ def bbq_category_rows(result: dict[str, Any]) -> list[str]:
     return out
 
 
+MAIN_HEADER = "| model | method | searched | neurons | metric |"
+CATEGORY_HEADER = "| model | method | category |"
+
+
+def carried_rows(previous: str, model: str, method: str, label: str) -> dict[str, Any] | None:
+    """The lines of ``(model, label)`` in an earlier render of the table (``previous``): its block of the main
+    table, its BBQ per-category rows and its line in the run list; None when that render has no measured row for it.
+
+    Run folders live under ``out/`` (not in git), so a fresh checkout has none: without this, re-rendering there
+    would turn every measured row into "not run yet". A carried row is copied as it was, never recomputed, and the
+    table says which rows were carried."""
+    main, categories, run, table, in_block = [], [], None, None, False
+    head = f"| {model} | {label} | "
+    for line in previous.splitlines():
+        if line.startswith((MAIN_HEADER, CATEGORY_HEADER)):
+            table = "main" if line.startswith(MAIN_HEADER) else "categories"
+        elif not line.startswith("|"):
+            table = None
+            run = line if line.startswith(f"- {model} {method}: ") else run
+        elif table == "main":
+            in_block = line.startswith(head) or (in_block and line.startswith("| | "))
+            main += [line] if in_block else []
+        elif table == "categories" and line.startswith(head):
+            categories.append(line)
+    if not main or "not run yet" in main[0]:
+        return None
+    return {"main": main, "categories": categories, "run": run}
+
+
 def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], command: str) -> str:
     """The table: ``results`` (see :func:`one`) as rows, then ``pending`` (model, method label) as 'not run yet'."""
     lines = [
@@ -375,10 +404,15 @@ def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], comman
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lines += rows_of(r)
+        lines += r["carried"]["main"] if "carried" in r else rows_of(r)
     for model, label in pending:
         lines.append(f"| {model} | {label} | not run yet | | | | | | | | |")
-    categories = [row for r in results for row in bbq_category_rows(r)]
+    carried = [f"{r['model']} {r['method']}" for r in results if "carried" in r]
+    if carried:
+        lines += ["", f"Carried unchanged from the previous render of this file, their run folders not being on the "
+                  f"machine that rendered it: {', '.join(carried)}."]
+    categories = [row for r in results
+                  for row in (r["carried"]["categories"] if "carried" in r else bbq_category_rows(r))]
     if categories:
         sizes = [int(row.split(" | ")[3]) for row in categories]
         lines += ["", f"BBQ per category: the table's test items split by category ({min(sizes)}-{max(sizes)} items "
@@ -387,14 +421,22 @@ def render(results: list[dict[str, Any]], pending: list[tuple[str, str]], comman
                   "| model | method | category | items | s_AMB base | edited - base | edited - control | "
                   "s_DIS base | edited - base | edited - control |",
                   "|---|---|---|---|---|---|---|---|---|---|", *categories]
-    runs = [(r["model"], r["method"], r["times"]) for r in results if r.get("times", {}).get("command")]
+    runs = [r["carried"]["run"] if "carried" in r else run_line(r) for r in results]
+    runs = [line for line in runs if line]
     if runs:
-        lines += ["", "Runs (each resumable; the table is re-rendered from their folders):", ""]
-        lines += [f"- {m} {meth}: `{t['command']}` ({t['date']}; search {t.get('search', 0) / 60:.0f} min, "
-                  f"{t.get('search_cpu', 0) / 60:.0f} CPU min; apply {t.get('apply', 0) / 60:.0f} min, "
-                  f"{t.get('apply_cpu', 0) / 60:.0f} CPU min)" for m, meth, t in runs]
+        lines += ["", "Runs (each resumable; the table is re-rendered from their folders):", "", *runs]
     lines.append("")
     return "\n".join(lines)
+
+
+def run_line(result: dict[str, Any]) -> str | None:
+    """The run list's line of a result: its command, date and minutes (None for a refusal)."""
+    t = result.get("times", {})
+    if not t.get("command"):
+        return None
+    return (f"- {result['model']} {result['method']}: `{t['command']}` ({t['date']}; search "
+            f"{t.get('search', 0) / 60:.0f} min, {t.get('search_cpu', 0) / 60:.0f} CPU min; apply "
+            f"{t.get('apply', 0) / 60:.0f} min, {t.get('apply_cpu', 0) / 60:.0f} CPU min)")
 
 
 def finished(folder: Path, model: str, method: str, as_given: bool) -> dict[str, Any] | None:
@@ -432,6 +474,12 @@ def main() -> None:
     command = "python bench/results.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     opts.command = command
     results, pending = [], []
+    previous = opts.write.read_text() if opts.only_render and opts.write and opts.write.exists() else ""
+
+    def not_done(model: str, method: str, label: str) -> None:
+        kept = carried_rows(previous, model, method, label)
+        results.append({"model": model, "method": method, "carried": kept}) if kept else pending.append((model,
+                                                                                                         label))
     if opts.recipes:
         for source in opts.recipes:
             if not source.is_file():
@@ -441,14 +489,14 @@ def main() -> None:
                 continue
             name, model, method, label = given_identity(source)
             done = finished(opts.work / name, model, method, as_given=label.endswith(", as given)"))
-            results.append({**done, "label": label}) if done else pending.append((model, label))
+            results.append({**done, "label": label}) if done else not_done(model, method, label)
     for model in [] if opts.recipes else opts.models.split(","):
         for method in opts.methods.split(","):
             if not opts.only_render:
                 results.append(one(model, method, ROOT / METHODS[method][0], opts.work, opts))
                 continue
             done = finished(opts.work / f"{model}-{method}", model, method, as_given=False)
-            results.append(done) if done else pending.append((model, METHODS[method][1]))
+            results.append(done) if done else not_done(model, method, METHODS[method][1])
     table = render(results, pending, command)
     print(table)
     if opts.write:

@@ -65,16 +65,55 @@ def test_a_recipe_without_search_is_applied_as_given_on_the_test_split(tmp_path,
                       data=shared_data)
     assert render.returncode == 0 and rows[0] in render.stdout
 
+    # a fresh checkout has no run folders (out/ is not in git): re-rendering the table there carries its measured
+    # rows over unchanged, and says so, instead of turning them into "not run yet"
+    before = table.read_text()
+    carried = _results("--recipes", str(recipe), "--work", str(tmp_path / "elsewhere"), "--only-render",
+                       "--write", str(table), cwd=tmp_path, data=shared_data)
+    assert carried.returncode == 0, carried.stderr
+    after = table.read_text()
+    block = [line for line in before.splitlines() if line.startswith(f"| {base} |") or line.startswith("| | ")]
+    assert block and all(line in after.splitlines() for line in block)
+    assert "not run yet" not in after and f"previous render of this file, their run folders not being on the " \
+        f"machine that rendered it: {base} listed neurons." in after.replace("\n", " ")
+    fresh = _results("--recipes", str(recipe), "--work", str(tmp_path / "elsewhere"), "--only-render", cwd=tmp_path,
+                     data=shared_data)
+    assert "| paper-setting (listed neurons, as given) | not run yet |" in fresh.stdout
+
 
 def test_given_recipe_keeps_a_search_recipe_searchable(tmp_path):
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import results
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    results = _bench_results()
     source = REPO / "recipes" / "search-coco-smollm2.yaml"
     path, searched = results.given_recipe(source, tmp_path, test_limit=7)
     raw = yaml.safe_load(path.read_text())
     assert searched and path.name == "search.yaml"
     assert raw["search"] == yaml.safe_load(source.read_text())["search"]
     assert raw["evaluate"]["tasks"] == results.TASKS and raw["evaluate"]["limit"] == 7
+
+
+def _bench_results():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import results
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return results
+
+
+def test_carried_rows_takes_one_rows_block_and_nothing_of_its_neighbours():
+    results = _bench_results()
+    previous = "\n".join([
+        "# Results", "", results.MAIN_HEADER + " base |", "|---|---|",
+        "| m | A | x | 1 | BBQ | 0.1 | +1 | +2 | no better | 0.1/0.1 | 3 |", "| | | |  | CrowS | 9 | +0 | +0 | no |",
+        "| m | B | y | 2 | BBQ | 0.1 | +5 | +6 | no better | 0.2/0.2 | 4 |", "| | | |  | CrowS | 9 | +7 | +8 | no |",
+        "| n | A | not run yet | | | | | | | | |", "",
+        "BBQ per category: ...", "", results.CATEGORY_HEADER + " items |", "|---|",
+        "| m | A | Age | 3 | x |", "| m | B | Age | 3 | y |", "", "Runs:", "",
+        "- m a: `cmd a` (date)", "- m b: `cmd b` (date)", ""])
+    a = results.carried_rows(previous, "m", "a", "A")
+    assert a == {"main": ["| m | A | x | 1 | BBQ | 0.1 | +1 | +2 | no better | 0.1/0.1 | 3 |",
+                          "| | | |  | CrowS | 9 | +0 | +0 | no |"],
+                 "categories": ["| m | A | Age | 3 | x |"], "run": "- m a: `cmd a` (date)"}
+    assert results.carried_rows(previous, "m", "b", "B")["main"][1] == "| | | |  | CrowS | 9 | +7 | +8 | no |"
+    assert results.carried_rows(previous, "n", "a", "A") is None  # not measured there either
+    assert results.carried_rows(previous, "m", "c", "C") is None

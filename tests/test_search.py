@@ -183,3 +183,24 @@ def test_the_chosen_trial_is_one_whose_edit_reduced_bias_when_there_is_one():
     assert search_mod.chosen_of([raised, reduced, small, over_budget]).number == 3
     assert search_mod.chosen_of([raised, row(4, -0.1, 0.01, 0.05)]).number == 0  # none reduced and beat: the front's
     assert search_mod.reduces_bias(reduced) and not search_mod.reduces_bias(raised)
+
+
+def test_trials_and_front_mark_a_control_that_is_not_kl_matched():
+    """A nonlinear edit's control keeps the edit's map (no lambda to scale): its advantage compares controls of
+    unequal strength, and both tables and the chosen trial's sentence say so; a matched control is not marked."""
+    from bakeedit.recipe import load_recipe
+
+    matched = search_mod.TrialRow(1, "complete", {"locate.top_fraction": 0.01}, 0.2, 0.004, True,
+                                  {"reduction_edited": 0.1, "kl_control": 0.0041, "control_matched": True})
+    unmatched = search_mod.TrialRow(2, "complete", {"locate.top_fraction": 0.02}, 0.3, 0.0066, True,
+                                    {"reduction_edited": 0.2, "kl_control": 0.0075, "control_matched": False})
+    trials = search_mod.render_trials([matched, unmatched], [matched, unmatched], unmatched)
+    lines = {line.split(" | ")[0]: line for line in trials.splitlines() if line.startswith("| 1 ") or
+             line.startswith("| 2 ")}
+    assert "0.0075 *not matched*" in lines["| 2"] and "not matched" not in lines["| 1"] and "0.0041" in lines["| 1"]
+    lr = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "search-ne-coco-smollm2.yaml")
+    baseline = search_mod.Baseline({"winogender": {"metric": "abs_gap", "value": 1.0}}, None)
+    front = search_mod.render_front(lr, [matched, unmatched], unmatched, baseline, lr.recipe.search, 60, 2)
+    assert "Its control is **not KL-matched** (KL 0.0075 against the edit's 0.0066" in front
+    front = search_mod.render_front(lr, [matched, unmatched], matched, baseline, lr.recipe.search, 60, 2)
+    assert "not KL-matched" not in front

@@ -41,11 +41,27 @@ def control_set(neuron_set: NeuronSet, loaded: LoadedModel, seed: int) -> Neuron
 
 
 def with_plan_lambdas(neuron_set: NeuronSet, plan: EditPlan) -> NeuronSet:
-    """``neuron_set`` with each neuron of a linear group of ``plan`` carrying that group's lambda for it."""
+    """``neuron_set`` with each neuron of a linear scale of ``plan`` (folded or position-scoped) carrying its lambda.
+
+    A neuron's own lambda keeps its rule's positions (``edit/plan.py``), so the written control set rebuilds the
+    scaled plan exactly."""
     lambdas = {(g.layer, g.site, i): lam for g in plan.groups for i, lam in zip(g.indices, g.lambdas, strict=True)}
+    lambdas |= {(g.layer, g.site, i): lam for g in plan.module_groups if g.map == "scale"
+                for i, lam in zip(g.indices, g.params["lambda"], strict=True)}
     neurons = [n.model_copy(update={"lambda_": lambdas[n.address]}) if n.address in lambdas else n
                for n in neuron_set.neurons]
     return neuron_set.model_copy(update={"neurons": neurons})
+
+
+def control_matching(matched: MatchedControl) -> str:
+    """How the control's strength was set, for the report's description of it (the truth, also when unmatched)."""
+    kls = f"KL {matched.kl_control:.3g} vs the edit's {matched.kl_edit:.3g} nats/token"
+    if not matched.scalable:
+        return (f"the edit's own nonlinear parameters (no lambda to scale, so the control is "
+                f"{'' if matched.matched else 'not '}KL-matched: {kls})")
+    return (f"lambdas scaled by t = {matched.scale:.3g} so that the control disturbs the model as much as the edit "
+            f"({kls}{'' if matched.matched else ', the closest reachable: not KL-matched'}; with the edit's own "
+            f"lambdas: {matched.kl_same_lambda:.3g})")
 
 
 def control_model(loaded: LoadedModel, control: NeuronSet, edit: EditSpec, source: str,
@@ -103,11 +119,9 @@ def evaluate_before_fold(
             kl_edit = matched.kl_edit
             control = with_plan_lambdas(control, plan)  # neurons-random.json then describes the control exactly
             descriptions["control"] = {
-                "description": f"base + {what}, lambdas scaled by t = {matched.scale:.3g} so that the control disturbs "
-                               f"the model as much as the edit (KL {matched.kl_control:.3g} vs {matched.kl_edit:.3g} "
-                               f"nats/token{'' if matched.matched else ', the closest reachable'}; with the edit's own "
-                               f"lambdas: {matched.kl_same_lambda:.3g})",
+                "description": f"base + {what}, {control_matching(matched)}",
                 "kl": matched.kl_control, "control_scale": matched.scale, "kl_same_lambda": matched.kl_same_lambda,
+                "kl_matched": matched.matched,
             }
         else:
             descriptions["control"] = {"description": f"base + the same edit on {what}"}

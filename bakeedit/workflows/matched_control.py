@@ -9,7 +9,9 @@ stronger one; ``t`` is found by a few ratio steps ``t * sqrt(KL_edit / KL(t))`` 
 ``t``), then by bisection if those did not land within :data:`REL_TOL` (KL grows with ``t`` for a linear scale).
 Where random masks disturb less than located masks, the matched lambdas go below 0 (a negative lambda flips
 the neuron's sign); the report says so.
-Nonlinear or position-scoped parts of the plan keep their parameters (``t`` only scales the linear part).
+``t`` scales every linear scale of the plan, folded or position-scoped (KnowBias's last-position edit); the
+parameters of a nonlinear map are kept, so a plan with no linear part has nothing to scale and its control is
+reported as not matched (``scalable``), with both KLs, rather than as matched at ``t = 1``.
 """
 
 from __future__ import annotations
@@ -39,12 +41,25 @@ class MatchedControl:
     kl_control: float
     kl_same_lambda: float  # the control at t = 1, for the report: how unequal the plain control was
     matched: bool  # False when no t in [0, MAX_SCALE] reached the edit's KL within REL_TOL (the closest is kept)
+    scalable: bool = True  # False when the plan has no linear scale to move (nonlinear maps only): t stays 1
+
+
+def _scale(lambdas: list[float], t: float) -> list[float]:
+    return [1.0 + t * (lam - 1.0) for lam in lambdas]
+
+
+def scalable(plan: EditPlan) -> bool:
+    """Whether ``plan`` has a linear scale (folded or position-scoped) that :func:`scaled_plan` can move."""
+    return bool(plan.groups) or any(g.map == "scale" for g in plan.module_groups)
 
 
 def scaled_plan(plan: EditPlan, t: float) -> EditPlan:
-    """``plan`` with every linear lambda moved to ``1 + t * (lambda - 1)``."""
-    groups = [g.model_copy(update={"lambdas": [1.0 + t * (lam - 1.0) for lam in g.lambdas]}) for g in plan.groups]
-    return plan.model_copy(update={"groups": groups})
+    """``plan`` with every linear lambda, folded or position-scoped, moved to ``1 + t * (lambda - 1)``; nonlinear
+    maps unchanged."""
+    groups = [g.model_copy(update={"lambdas": _scale(g.lambdas, t)}) for g in plan.groups]
+    module_groups = [g.model_copy(update={"params": {**g.params, "lambda": _scale(g.params["lambda"], t)}})
+                     if g.map == "scale" else g for g in plan.module_groups]
+    return plan.model_copy(update={"groups": groups, "module_groups": module_groups})
 
 
 def match_control(disturbance: Disturbance, edit_plan: EditPlan, control: NeuronSet, control_plan: EditPlan,
@@ -62,8 +77,9 @@ def match_control(disturbance: Disturbance, edit_plan: EditPlan, control: Neuron
         return abs(kl_at(t) - target) <= rel_tol * max(target, 1e-12)
 
     same = kl_at(1.0)
-    if target <= 0 or not control_plan.groups:
-        return MatchedControl(control, control_plan, 1.0, target, same, same, target <= 0 and same <= 0)
+    if target <= 0 or not scalable(control_plan):
+        return MatchedControl(control, control_plan, 1.0, target, same, same,
+                              close(1.0) if target > 0 else same <= 0, scalable(control_plan))
     # KL grows about as t^2 for a small edit (it is quadratic in the perturbation), so t * sqrt(target / KL(t)) is
     # a close next guess: usually 2-3 KL passes instead of bisection's 6-10. Bisection below takes over if not.
     t = 1.0

@@ -500,22 +500,29 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return str(value)
 
 
+def _control_kl(row: TrialRow) -> str:
+    """The trial's control KL, flagged where the control could not be matched to the edit's."""
+    kl = _fmt(row.attrs.get("kl_control"))
+    return f"{kl} *not matched*" if kl and row.attrs.get("control_matched") is False else kl
+
+
 def render_trials(rows: Sequence[TrialRow], front: Sequence[TrialRow], chosen: TrialRow | None) -> str:
     names = list(dict.fromkeys(k for r in rows for k in r.values))
     on_front = {r.number for r in front}
     lines = ["# Search trials", "",
              "Every finished trial, scored on the dev split. advantage: the edit's mean bias reduction minus the "
-             "KL-matched random control's; KL: the edit's mean KL from the base on neutral text (nats per token). "
-             "Pruned trials kept no neuron or went over the KL budget.", "",
-             "| trial | state | " + " | ".join(names) + " | neurons | KL | advantage | capability drop | feasible "
-             "| front |", "|" + "---|" * (len(names) + 8)]
+             "KL-matched random control's; KL: the edit's mean KL from the base on neutral text (nats per token); "
+             "control KL: the control's, marked *not matched* where no scale of its lambdas reached the edit's "
+             "(a nonlinear map has none). Pruned trials kept no neuron or went over the KL budget.", "",
+             "| trial | state | " + " | ".join(names) + " | neurons | KL | control KL | advantage | capability drop "
+             "| feasible | front |", "|" + "---|" * (len(names) + 9)]
     for r in rows:
         mark = "chosen" if chosen is not None and r.number == chosen.number else ("yes" if r.number in on_front
                                                                                   else "")
         lines.append(f"| {r.number} | {r.state} | " + " | ".join(_fmt(r.values.get(n)) for n in names)
-                     + f" | {r.attrs.get('n_neurons', '')} | {_fmt(r.kl)} | {_fmt(r.advantage, '+.3f')} | "
-                       f"{_fmt(r.attrs.get('capability_drop'), '+.3f')} | {'yes' if r.feasible else 'no'} | "
-                       f"{mark} |")
+                     + f" | {r.attrs.get('n_neurons', '')} | {_fmt(r.kl)} | {_control_kl(r)} | "
+                       f"{_fmt(r.advantage, '+.3f')} | {_fmt(r.attrs.get('capability_drop'), '+.3f')} | "
+                       f"{'yes' if r.feasible else 'no'} | {mark} |")
     return "\n".join(lines) + "\n"
 
 
@@ -537,12 +544,13 @@ def render_front(lr: LoadedRecipe, front: Sequence[TrialRow], chosen: TrialRow |
         lines += ["No trial met the budget: no recipe was written. Widen the budget or the space.", ""]
         return "\n".join(lines)
     names = list(dict.fromkeys(k for r in front for k in r.values))
-    lines += ["| trial | " + " | ".join(names) + " | neurons | KL | advantage | edited reduction | control "
-              "reduction | capability drop |", "|" + "---|" * (len(names) + 7)]
+    lines += ["| trial | " + " | ".join(names) + " | neurons | KL | control KL | advantage | edited reduction | "
+              "control reduction | capability drop |", "|" + "---|" * (len(names) + 8)]
     for r in front:
         lines.append(f"| {r.number}{' (chosen)' if chosen and r.number == chosen.number else ''} | "
                      + " | ".join(_fmt(r.values.get(n)) for n in names)
-                     + f" | {r.attrs.get('n_neurons', '')} | {_fmt(r.kl)} | {_fmt(r.advantage, '+.3f')} | "
+                     + f" | {r.attrs.get('n_neurons', '')} | {_fmt(r.kl)} | {_control_kl(r)} | "
+                       f"{_fmt(r.advantage, '+.3f')} | "
                        f"{_fmt(r.attrs.get('reduction_edited'), '+.3f')} | "
                        f"{_fmt(r.attrs.get('reduction_control'), '+.3f')} | "
                        f"{_fmt(r.attrs.get('capability_drop'), '+.3f')} |")
@@ -558,7 +566,11 @@ def render_front(lr: LoadedRecipe, front: Sequence[TrialRow], chosen: TrialRow |
     else:
         why, verdict = ("the largest advantage within the budget", "even it did not reduce bias more than its "
                         "matched control on the dev split: do not expect the test split to show a reduction")
-    lines += ["", f"Chosen: trial {chosen.number} ({why}); {verdict}. "
+    unmatched = ("" if chosen.attrs.get("control_matched") is not False else
+                 f" Its control is **not KL-matched** (KL {_fmt(chosen.attrs.get('kl_control'))} against the edit's "
+                 f"{_fmt(chosen.kl)}: no scale of its lambdas reached the edit's, or the edit has none), so the "
+                 "advantage compares a control of another strength.")
+    lines += ["", f"Chosen: trial {chosen.number} ({why}); {verdict}.{unmatched} "
               "Bake and evaluate it on the held-out items with `bakeedit apply recipe.yaml -o OUT`.", ""]
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ from bakeedit.locate.random import random_like
 from bakeedit.models.arch import ModelLayout
 from bakeedit.neurons import Neuron, NeuronSet
 from bakeedit.recipe import EditSpec
+from bakeedit.workflows.apply_eval import control_matching, with_plan_lambdas
 from bakeedit.workflows.matched_control import match_control, scaled_plan
 
 from tiny_models import tiny_model, tiny_tokenizer
@@ -79,3 +80,52 @@ def test_scaled_plan_moves_every_lambda_towards_or_away_from_one(llama):
     assert [g.lambdas for g in scaled_plan(plan, 0.5).groups] == [[0.5], [0.5]]
     assert [g.lambdas for g in scaled_plan(plan, 2.0).groups] == [[-1.0], [-1.0]]
     assert scaled_plan(plan, 1.0) == plan
+
+
+def test_a_position_scoped_edit_gets_a_kl_matched_control(llama):
+    """KnowBias's last-position edit has no folded part: its control's lambdas must still be scaled (a matcher that
+    scales only ``groups`` returns t = 1 and a control of another strength)."""
+    model, layout = llama
+    measure = Disturbance(model, layout, tiny_tokenizer(), TEXTS)
+    located = NeuronSet(method="explicit", neurons=[Neuron(layer=layer, site="mlp.act", index=i)
+                                                    for layer in range(3) for i in (1, 5, 9, 13)])
+    edit = EditSpec.model_validate({"lambda": 3.0, "positions": "last"})
+    # the edit at lambda 9: its control, starting from lambda 3, must be scaled well away from t = 1 to match it
+    edit_plan = build_plan(located.neurons, EditSpec.model_validate({"lambda": 9.0, "positions": "last"}), layout)
+    control = random_like(located, layout, seed=0)
+    control_plan = build_plan(control.neurons, edit, layout)
+    assert not control_plan.groups and control_plan.module_groups  # nothing folds: all of it is position-scoped
+    matched = match_control(measure, edit_plan, control, control_plan)
+    assert matched.scalable and matched.matched
+    assert matched.scale > 1.5 and matched.kl_same_lambda < 0.5 * matched.kl_edit
+    assert matched.kl_control == pytest.approx(matched.kl_edit, rel=0.05)
+    assert matched.kl_control == pytest.approx(measure.kl(matched.plan), rel=1e-9)
+    assert all(g.positions == "last" and g.params["lambda"] == [1 + matched.scale * 2.0] * len(g.indices)
+               for g in matched.plan.module_groups)
+    # the control set written beside the report rebuilds the scaled plan exactly
+    rebuilt = build_plan(with_plan_lambdas(control, matched.plan).neurons, edit, layout)
+    assert rebuilt.module_groups == matched.plan.module_groups
+
+
+def test_a_nonlinear_control_is_reported_as_not_scalable(llama):
+    model, layout = llama
+    measure = Disturbance(model, layout, tiny_tokenizer(), TEXTS)
+    located = NeuronSet(method="explicit", neurons=[Neuron(layer=1, site="mlp.act", index=i) for i in (2, 6)])
+    edit = EditSpec.model_validate({"type": "nonlinear", "map": "tanh_gain", "params": {"alpha": 1.5, "s": 0.5}})
+    control = random_like(located, layout, seed=0)
+    control_plan = build_plan(control.neurons, edit, layout)
+    matched = match_control(measure, build_plan(located.neurons, edit, layout), control, control_plan)
+    assert not matched.scalable and matched.scale == 1.0 and matched.plan == control_plan
+    assert matched.matched == (abs(matched.kl_control - matched.kl_edit) <= 0.05 * matched.kl_edit)
+    assert "not KL-matched" in control_matching(matched) or matched.matched
+
+
+def test_scaled_plan_moves_position_scoped_lambdas_and_keeps_nonlinear_maps(llama):
+    _, layout = llama
+    edit = EditSpec.model_validate({"lambda": 0.0, "positions": "last", "overrides": [
+        {"layers": [2], "type": "nonlinear", "map": "tanh_gain", "params": {"alpha": 1.5, "s": 0.5}}]})
+    plan = build_plan([Neuron(layer=0, site="mlp.act", index=1), Neuron(layer=2, site="mlp.act", index=3)], edit,
+                      layout)
+    scaled = scaled_plan(plan, 0.5)
+    assert [(g.map, g.params) for g in scaled.module_groups] == [
+        ("scale", {"lambda": [0.5]}), ("tanh_gain", plan.module_groups[1].params)]
