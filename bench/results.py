@@ -192,6 +192,10 @@ def given_identity(source: Path) -> tuple[str, str, str, str]:
     return name, model, method, f"{name} ({method}{'' if raw.get('search') else ', as given'})"
 
 
+#: The search summary of a recipe applied as written: no trial chose its values.
+AS_GIVEN: dict[str, Any] = {"chosen": None, "chosen_values": {}, "as_given": True}
+
+
 def apply_given(model: str, method: str, recipe: Path, folder: Path, opts: argparse.Namespace) -> dict[str, Any]:
     """Apply a recipe without a search (only if its ``bakeedit.json`` does not already name this recipe)."""
     log = folder / "log.txt"
@@ -205,8 +209,7 @@ def apply_given(model: str, method: str, recipe: Path, folder: Path, opts: argpa
         times["apply"], times["apply_cpu"] = wall, cpu
     times["command"], times["date"] = opts.command, datetime.date.today().isoformat()
     (folder / "times.json").write_text(json.dumps(times))
-    summary = {"chosen": None, "chosen_values": {}, "as_given": True}
-    return {"model": model, "method": method, "summary": summary, "baked": baked, "times": times}
+    return {"model": model, "method": method, "summary": AS_GIVEN, "baked": baked, "times": times}
 
 
 def search_and_apply(model: str, method: str, recipe: Path, folder: Path,
@@ -447,8 +450,8 @@ def finished(folder: Path, model: str, method: str, as_given: bool) -> dict[str,
     times = json.loads((folder / "times.json").read_text()) if (folder / "times.json").exists() else {}
     baked = folder / "baked" if (folder / "baked" / "bakeedit.json").exists() else None
     if as_given:
-        summary = {"chosen": None, "chosen_values": {}, "as_given": True}
-        return {"model": model, "method": method, "summary": summary, "baked": baked, "times": times} if baked else None
+        return None if baked is None else {"model": model, "method": method, "summary": AS_GIVEN, "baked": baked,
+                                           "times": times}
     if not (folder / "search" / "search.json").exists():
         return None
     summary = json.loads((folder / "search" / "search.json").read_text())

@@ -78,6 +78,8 @@ def test_search_scores_dev_items_only_resumes_and_writes_a_recipe(tmp_path, tiny
     assert [t["number"] for t in trials] == [0, 1, 2]
     assert [t["values"] for t in trials[:2]] == [t["values"] for t in first[:2]]
     assert [t.get("advantage") for t in trials[:2]] == [t.get("advantage") for t in first[:2]]
+    # a resumed sampler draws new values (one seeded as at the start re-draws trial 0's)
+    assert trials[2]["values"] not in [t["values"] for t in trials[:2]]
 
     # an interrupted trial is not counted: the next run does it again
     def interrupt(*_a, **_k):
@@ -91,6 +93,9 @@ def test_search_scores_dev_items_only_resumes_and_writes_a_recipe(tmp_path, tiny
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "search.json").read_text())
     assert summary["trials"] == 4 and summary["split"] == "dev" and summary["kind"] == "search"
+    values = [json.dumps(t["values"], sort_keys=True)
+              for t in map(json.loads, (out / "trials.jsonl").read_text().splitlines())]
+    assert len(values) == len(set(values)) == 4, "a resumed study repeated a trial's values"
 
     # nothing but dev items was ever scored, and both tasks were
     test_items = {(name, repr(it)) for name in TASKS

@@ -90,7 +90,7 @@ def match_control(disturbance: Disturbance, edit_plan: EditPlan, control: Neuron
     if close(t):
         return MatchedControl(control, scaled_plan(control_plan, t), t, target, seen[t], same, True)
     lo = max([x for x, kl in seen.items() if kl < target], default=0.0)
-    hi = min([x for x, kl in seen.items() if kl > target], default=max(2.0, 2 * max(seen)))
+    hi = min([x for x, kl in seen.items() if kl > target], default=min(MAX_SCALE, max(2.0, 2 * max(seen))))
     if lo >= hi:  # KL not monotonic in t over the guesses: bracket from scratch
         lo = 0.0
     while kl_at(hi) < target and hi < MAX_SCALE:

@@ -129,3 +129,19 @@ def test_scaled_plan_moves_position_scoped_lambdas_and_keeps_nonlinear_maps(llam
     scaled = scaled_plan(plan, 0.5)
     assert [(g.map, g.params) for g in scaled.module_groups] == [
         ("scale", {"lambda": [0.5]}), ("tanh_gain", plan.module_groups[1].params)]
+
+
+def test_a_control_that_cannot_reach_the_edit_stops_at_the_largest_scale_and_says_so(llama):
+    """Random channels far weaker than the located ones (KnowBias's on Gemma-3-270M): no t up to MAX_SCALE reaches
+    the edit's KL; the closest (t = MAX_SCALE, not beyond it) is kept and reported as not matched."""
+    from bakeedit.workflows.matched_control import MAX_SCALE
+
+    model, layout = llama
+    measure = Disturbance(model, layout, tiny_tokenizer(), TEXTS)
+    strong = [Neuron(layer=layer, site="mlp.act", index=i) for layer in range(3) for i in range(12)]
+    edit_plan = _plan(layout, strong, -3.0)
+    weak = NeuronSet(method="explicit", neurons=[Neuron(layer=2, site="mlp.act", index=0)])
+    matched = match_control(measure, edit_plan, weak, _plan(layout, weak.neurons, 1.0001))
+    assert not matched.matched and matched.scalable
+    assert matched.scale == MAX_SCALE and matched.kl_control < 0.5 * matched.kl_edit
+    assert "the closest reachable: not KL-matched" in control_matching(matched)
