@@ -209,3 +209,7 @@ def test_trials_and_front_mark_a_control_that_is_not_kl_matched():
     assert "Its control is **not KL-matched** (KL 0.0075 against the edit's 0.0066" in front
     front = search_mod.render_front(lr, [matched, unmatched], matched, baseline, lr.recipe.search, 60, 2)
     assert "not KL-matched" not in front
+    header = search_mod.chosen_recipe(lr, unmatched, "k", lr.path.parent).splitlines()[1]
+    assert "advantage over the random control, not KL-matched, +0.300" in header
+    header = search_mod.chosen_recipe(lr, matched, "k", lr.path.parent).splitlines()[1]
+    assert "advantage over the KL-matched random control +0.200" in header

@@ -624,8 +624,10 @@ def chosen_recipe(lr: LoadedRecipe, chosen: TrialRow, key: str, out: Path) -> st
     raw["evaluate"] = {**(raw.get("evaluate") or {}), "split": "test"}
     _rebase_paths(raw, lr.path.parent, Path(out).expanduser().resolve())
     header = (f"# Chosen by `bakeedit search` from {lr.path.name}: trial {chosen.number} of study {key}, scored on "
-              "the dev split\n# (advantage over the KL-matched random control "
-              f"{chosen.advantage:+.3f}, KL {chosen.kl:.3g} nats/token).\n"
+              "the dev split\n# (advantage over the "
+              + ("random control, not KL-matched, " if chosen.attrs.get("control_matched") is False
+                 else "KL-matched random control ")
+              + f"{chosen.advantage:+.3f}, KL {chosen.kl:.3g} nats/token).\n"
               "# evaluate.split: test, so the report of `bakeedit apply` reads only items the search never saw.\n")
     return header + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
 
