@@ -13,9 +13,9 @@ expanded to the options) or ``"flat"`` (lm-evaluation-harness's one row per requ
 explicitly, so padding never shifts positions.
 
 A model carrying a ``positions: last`` module edit (runtime hooks or a saved custom module; docs/nonlinear.md
-"Scoring with position-scoped edits") is scored with ``flat`` by default, the one mode that reproduces the edit: the
-other two are refused with an :class:`~bakeedit.errors.EditError`. Edits at all positions (``start`` included) are
-exact in every mode.
+"Scoring with position-scoped edits") is scored by ``packed`` (which then gives the one-token options of a context a
+copy of its last token) or ``flat``; ``kv`` cannot reproduce the edit and is refused with an
+:class:`~bakeedit.errors.EditError`. Edits at all positions (``start`` included) are exact in every mode.
 
 :meth:`Scorer.loglikelihood_reference` is the straightforward per-example loop (batch 1, no sharing), kept as the
 ground truth for tests and for ``bench/eval_engine.py``.
@@ -44,8 +44,6 @@ DEFAULT_MAX_LENGTH = 2048
 MODES = ("packed", "kv", "flat")
 #: Why a mode cannot reproduce a ``positions: last`` edit, which reaches the last real token of each scored sequence.
 LAST_POSITION_LIMITS = {
-    "packed": "a packed row shares its context's last token between the one-token options, whose sequence ends "
-              "there (edited), and the longer ones, whose sequence goes on (not edited)",
     "kv": "the context minus its last token runs into the KV cache in a forward pass of its own, whose last token "
           "would be edited as if the sequence ended there",
 }
@@ -57,8 +55,7 @@ class Scorer:
     ``batch_size`` bounds the requests (options) scored by one forward pass; ``max_length`` the tokens of one
     sequence (longer inputs lose their oldest context tokens, as in lm-eval); ``progress(description, done, total)``
     is called after each batch; ``add_bos_token`` prepends BOS to every context (default: when the tokenizer itself
-    adds one). ``mode`` (see the module docstring) defaults to ``packed``, or ``flat`` for a model with a
-    ``positions: last`` module edit.
+    adds one). ``mode`` (see the module docstring) defaults to ``packed``.
 
     A blockwise model (:mod:`bakeedit.models.lazy`) reads every block from disk once per forward pass, so its cost is
     per batch: a larger ``batch_size`` scores more requests per read. Before the rest of each request list runs,
@@ -89,7 +86,7 @@ class Scorer:
         self.notice: Callable[[str], None] = notice or log.warning
         self.blockwise = is_lazy(model)
         self._started: float | None = None  # when the current request list began (blockwise: for the estimate)
-        self.mode: str = mode or ("flat" if "last" in attached_positions(model) else "packed")
+        self.mode: str = mode or "packed"
         self._check_mode()
         self.device = next(model.parameters()).device
         bos = tokenizer.bos_token_id
@@ -201,7 +198,7 @@ class Scorer:
         self._started = time.perf_counter()
         with torch.inference_mode():
             if self.mode == "packed":
-                return strategies.score_packed(self, requests)
+                return strategies.score_packed(self, requests, last_scoped="last" in attached_positions(self.model))
             if self.mode == "kv":
                 return strategies.score_kv(self, requests)
             return strategies.score_flat(self, requests)
@@ -318,8 +315,8 @@ class Scorer:
             raise EditError(
                 f"Scorer(mode={self.mode!r}) cannot score a model with a 'positions: last' edit exactly: "
                 f"{LAST_POSITION_LIMITS[self.mode]}",
-                hint="use Scorer(mode='flat') (the default for such a model): one row per request, whose last real "
-                     "token is the one the edit reaches",
+                hint="use Scorer(mode='packed') (the default) or mode='flat' (one row per request, whose last real "
+                     "token is the one the edit reaches)",
             )
 
     def _report(self, description: str, done: int, total: int) -> None:

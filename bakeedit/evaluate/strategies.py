@@ -11,6 +11,13 @@ within float32 noise (``tests/evaluate/test_engine.py``); they differ in how muc
     and ``logits_to_keep`` (rows are left-padded, segments sit at the end) keeps the LM head off the context.
     Models with a sliding window fall back to ``kv`` for requests longer than half the window, because the custom
     mask replaces the model's own window mask; so do attention kernels that take no 4D mask (flash-attention).
+
+    Under a ``positions: last`` edit (``last_scoped``) a segment's last token is its sequence's last (the next
+    segment's position ids restart), and so is the context's last token when every option is one token long (the
+    row ends there); when a context has both one-token and longer options, its last token must be edited for the
+    first and not for the second, so the row gets one more segment: a copy of that token at the same position,
+    which sees the context without the original and is the last column of the row, read by the one-token options.
+    Such rows fall back to ``flat`` instead of ``kv`` (whose context pass would edit the wrong token).
 ``kv``
     The context prefixes run once, left-padded, into the KV cache; the cache rows are repeated for the options and a
     right-padded pass over the segments reads it. Two forwards per batch plus the cache copies.
@@ -69,6 +76,12 @@ def _targets(rows: Sequence[TokenRequest], device: torch.device) -> tuple[torch.
 
 def score_flat(scorer: Scorer, requests: Sequence[TokenRequest]) -> list[LLResult]:
     out: list = [None] * len(requests)
+    _score_flat_into(scorer, requests, out, len(requests))
+    return out
+
+
+def _score_flat_into(scorer: Scorer, requests: Sequence[TokenRequest], out: list, total: int, done: int = 0) -> int:
+    """Score ``requests`` one row each into ``out[r.index]``; progress counts on from ``done`` of ``total``."""
     # lm-eval's one shortcut (Collator group_by="contexts"): requests whose model input is identical, i.e. options that
     # differ only in their last token such as MMLU's " A" .. " D", share one row
     rows_by_input: dict[tuple[tuple[int, ...], int], list[TokenRequest]] = {}
@@ -76,7 +89,6 @@ def score_flat(scorer: Scorer, requests: Sequence[TokenRequest]) -> list[LLResul
         rows_by_input.setdefault((tuple(r.ctx + r.cont[:-1]), len(r.ctx)), []).append(r)
     leaders = [g[0] for g in rows_by_input.values()]
     members = {id(g[0]): g for g in rows_by_input.values()}
-    done = 0
     for batch in flat_batches(leaders, scorer.batch_size):
         ids, mask = right_pad([r.ctx + r.cont[:-1] for r in batch], scorer.pad_token_id, scorer.device)
         logits = scorer._forward(ids, mask, None).logits
@@ -88,8 +100,8 @@ def score_flat(scorer: Scorer, requests: Sequence[TokenRequest]) -> list[LLResul
         cols = (start[:, None] + torch.arange(targets.shape[1], device=scorer.device)).clamp(max=ids.shape[1] - 1)
         _results(out, reqs, *logprobs_at(logits, rows, cols, targets, valid))
         done += len(reqs)
-        scorer._report("loglikelihood", done, len(requests))
-    return out
+        scorer._report("loglikelihood", done, total)
+    return done
 
 
 def _score_kv_batch(scorer: Scorer, groups: list[list[TokenRequest]], out: list) -> None:
@@ -124,9 +136,18 @@ def score_kv(scorer: Scorer, requests: Sequence[TokenRequest]) -> list[LLResult]
     return out
 
 
-def _score_packed_batch(scorer: Scorer, groups: list[list[TokenRequest]], out: list) -> None:
+def _needs_last_copy(group: Sequence[TokenRequest]) -> bool:
+    """Whether a group's packed row needs a copy of its context's last token under a ``last`` edit: that token ends
+    the sequence of its one-token options and not of its longer ones."""
+    lengths = {len(r.cont) == 1 for r in group}
+    return len(lengths) == 2
+
+
+def _score_packed_batch(
+    scorer: Scorer, groups: list[list[TokenRequest]], out: list, last_scoped: bool = False
+) -> None:
     dev = scorer.device
-    seqs, segs, poss = [], [], []
+    seqs, segs, poss, copies = [], [], [], []
     for g in groups:
         ctx = g[0].ctx
         seq, seg, pos = list(ctx), [PREFIX_SEG] * len(ctx), list(range(len(ctx)))
@@ -135,9 +156,15 @@ def _score_packed_batch(scorer: Scorer, groups: list[list[TokenRequest]], out: l
             seq += piece
             seg += [k] * len(piece)
             pos += range(len(ctx), len(ctx) + len(piece))
+        copy = last_scoped and _needs_last_copy(g)
+        if copy:  # the edited twin of the context's last token, for the one-token options (module docstring)
+            seq.append(ctx[-1])
+            seg.append(len(g))
+            pos.append(len(ctx) - 1)
         seqs.append(seq)
         segs.append(seg)
         poss.append(pos)
+        copies.append(copy)
     ids, _ = left_pad(seqs, scorer.pad_token_id, dev)
     seg, _ = left_pad(segs, PAD_SEG, dev)
     positions, _ = left_pad(poss, 0, dev)
@@ -146,20 +173,25 @@ def _score_packed_batch(scorer: Scorer, groups: list[list[TokenRequest]], out: l
     allowed = causal & (seg != PAD_SEG)[:, None, :] & (
         (seg == PREFIX_SEG)[:, None, :] | (seg[:, :, None] == seg[:, None, :])
     )
+    # the segments (and a copy of the context's last token) fill the last columns of each row: the LM head runs on
+    # those only
+    tails = [1 + sum(len(r.cont) - 1 for r in g) + copy for g, copy in zip(groups, copies, strict=True)]
+    for gi, (tail, copy) in enumerate(zip(tails, copies, strict=True)):
+        if copy:  # the copy stands in for the original, which it must not also see
+            allowed[gi, width - 1, width - tail] = False
     allowed |= torch.eye(width, dtype=torch.bool, device=dev)  # padding queries see themselves: no empty softmax row
-    # the segments and the context's last token fill the last columns of each row: the LM head runs on those only
-    tails = [1 + sum(len(r.cont) - 1 for r in g) for g in groups]
     logits = scorer._forward(ids, scorer.attention_mask_4d(allowed), positions, logits_to_keep=max(tails)).logits
     offset = width - logits.shape[1]  # logits cover columns offset .. width-1
     rows = [r for g in groups for r in g]
     targets, valid = _targets(rows, dev)
     row_idx, col_idx = [], []
-    for gi, (g, tail) in enumerate(zip(groups, tails, strict=True)):
+    for gi, (g, tail, copy) in enumerate(zip(groups, tails, copies, strict=True)):
         last_ctx = width - tail  # column of the context's last token
         col = last_ctx + 1  # first column of the first segment
         for r in g:
-            cols = [last_ctx] + [col + j for j in range(len(r.cont) - 1)]
-            cols += [last_ctx] * (targets.shape[1] - len(cols))
+            first = width - 1 if copy and len(r.cont) == 1 else last_ctx
+            cols = [first] + [col + j for j in range(len(r.cont) - 1)]
+            cols += [first] * (targets.shape[1] - len(cols))
             row_idx.append([gi] * targets.shape[1])
             col_idx.append([c - offset for c in cols])
             col += len(r.cont) - 1
@@ -168,16 +200,19 @@ def _score_packed_batch(scorer: Scorer, groups: list[list[TokenRequest]], out: l
     _results(out, rows, *logprobs_at(logits, rows_t, cols_t, targets, valid))
 
 
-def score_packed(scorer: Scorer, requests: Sequence[TokenRequest]) -> list[LLResult]:
+def score_packed(scorer: Scorer, requests: Sequence[TokenRequest], last_scoped: bool = False) -> list[LLResult]:
     out: list = [None] * len(requests)
     window = scorer.sliding_window
     done = 0
     for groups in shared_batches(requests, scorer.batch_size, packed=True):
         too_long = window is not None and any(len(r.ctx) + len(r.cont) > window // 2 for g in groups for r in g)
+        if (too_long or not scorer.supports_4d_mask) and last_scoped:
+            done = _score_flat_into(scorer, [r for g in groups for r in g], out, len(requests), done)
+            continue
         if too_long or not scorer.supports_4d_mask:
             _score_kv_batch(scorer, groups, out)
         else:
-            _score_packed_batch(scorer, groups, out)
+            _score_packed_batch(scorer, groups, out, last_scoped)
         done += sum(len(g) for g in groups)
         scorer._report("loglikelihood", done, len(requests))
     return out

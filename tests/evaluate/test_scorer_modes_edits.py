@@ -82,7 +82,7 @@ def edited(request):
 
 
 def exact_modes(edit_name: str) -> tuple[str, ...]:
-    return ("flat",) if EDITS[edit_name].get("positions") == "last" else MODES
+    return ("packed", "flat") if EDITS[edit_name].get("positions") == "last" else MODES
 
 
 @pytest.mark.parametrize("edit_name", EDITS)
@@ -96,19 +96,44 @@ def test_every_exact_mode_equals_the_per_example_loop(edited, edit_name):
             assert max_delta(ref, got) <= 1e-4, mode
 
 
-@pytest.mark.parametrize("mode", ["packed", "kv"])
-def test_modes_that_cannot_reproduce_a_last_position_edit_refuse_it(edited, mode):
+def test_the_kv_mode_cannot_reproduce_a_last_position_edit_and_refuses_it(edited):
     model, layout, reqs, _, cases = edited
     plan, _ = cases["last_scale"]
     with runtime_edit(model, layout, plan):
-        with pytest.raises(EditError, match=rf"Scorer\(mode='{mode}'\) cannot score .*'positions: last'") as info:
-            Scorer(model, tiny_tokenizer(), mode=mode)
-        assert "mode='flat'" in info.value.hint
-        assert Scorer(model, tiny_tokenizer()).mode == "flat"
-    scorer = Scorer(model, tiny_tokenizer(), mode=mode)  # made before the edit is hooked in: refused when scoring
-    with runtime_edit(model, layout, plan), pytest.raises(EditError, match=mode):
+        with pytest.raises(EditError, match=r"Scorer\(mode='kv'\) cannot score .*'positions: last'") as info:
+            Scorer(model, tiny_tokenizer(), mode="kv")
+        assert "mode='packed'" in info.value.hint
+        assert Scorer(model, tiny_tokenizer()).mode == "packed"
+    scorer = Scorer(model, tiny_tokenizer(), mode="kv")  # made before the edit is hooked in: refused when scoring
+    with runtime_edit(model, layout, plan), pytest.raises(EditError, match="kv"):
         scorer.score_tokens(reqs)
-    assert Scorer(model, tiny_tokenizer()).mode == "packed"  # the unedited model keeps the default
+
+
+def test_a_packed_last_edit_gives_mixed_contexts_a_copy_of_their_last_token(edited, monkeypatch):
+    """Without the copy (every option read at the context's own last token), the packed row scores the one-token
+    options of a context that also has longer ones without the edit: the test above would fail."""
+    from bakeedit.evaluate import strategies
+
+    model, layout, reqs, _, cases = edited
+    plan, ref = cases["last_scale"]
+    assert any(strategies._needs_last_copy([r for r in reqs if r.ctx == q.ctx]) for q in reqs)
+    monkeypatch.setattr(strategies, "_needs_last_copy", lambda group: False)
+    with runtime_edit(model, layout, plan):
+        got = Scorer(model, tiny_tokenizer(), batch_size=2).score_tokens(reqs)
+    assert max_delta(ref, got) > 1e-3
+
+
+def test_a_last_edit_falls_back_to_flat_where_packing_is_not_possible(edited):
+    """A sliding window (or an attention kernel without 4D masks) sends packed rows to ``kv``, which cannot score a
+    ``last`` edit; under one they go to ``flat`` instead."""
+    model, layout, reqs, _, cases = edited
+    plan, ref = cases["last_scale"]
+    with runtime_edit(model, layout, plan):
+        scorer = Scorer(model, tiny_tokenizer(), batch_size=2)
+        scorer.sliding_window = 2  # every request of the test is longer than half of it
+        assert max_delta(ref, scorer.score_tokens(reqs)) <= 1e-4
+        scorer.sliding_window, scorer.supports_4d_mask = None, False
+        assert max_delta(ref, scorer.score_tokens(reqs)) <= 1e-4
 
 
 def test_a_saved_module_announces_its_positions_to_the_scorer(edited):
@@ -117,9 +142,9 @@ def test_a_saved_module_announces_its_positions_to_the_scorer(edited):
     model = edited[0]
     model.bakeedit_positions = frozenset({"last"})
     try:
-        assert Scorer(model, tiny_tokenizer()).mode == "flat"
-        with pytest.raises(EditError, match="packed"):
-            Scorer(model, tiny_tokenizer(), mode="packed")
+        assert Scorer(model, tiny_tokenizer()).mode == "packed"
+        with pytest.raises(EditError, match="kv"):
+            Scorer(model, tiny_tokenizer(), mode="kv")
     finally:
         del model.bakeedit_positions
 

@@ -156,24 +156,26 @@ PADDED_NAMES = ("llama-last", "qwen2-last", "phi3-last", "llama-start", "gpt2-st
 def padded_forwards() -> dict[str, dict[str, torch.Tensor]]:
     """Rows of 12 and 7 tokens right-padded (mask only) and left-padded (with and without position ids, as
     ``generate()`` and a plain call give them), and one packed row as the scorer builds it: a pad, a context of 5,
-    then segments of 3 and 2 tokens that restart at position 5, under a 4D "may attend" mask."""
+    then segments of 3 and 2 tokens that restart at position 5, then a copy of the context's last token (position 4,
+    seeing the context but not the original), under a 4D "may attend" mask."""
     rows = [probe_ids(batch=1, seq=12, seed=8)[0], probe_ids(batch=1, seq=7, seed=9)[0]]
     right, left = torch.zeros(2, 12, dtype=torch.long), torch.zeros(2, 12, dtype=torch.long)
     right_mask, left_mask = torch.zeros_like(right), torch.zeros_like(left)
     for k, row in enumerate(rows):
         right[k, :len(row)], right_mask[k, :len(row)] = row, 1
         left[k, 12 - len(row):], left_mask[k, 12 - len(row):] = row, 1
-    segment = torch.tensor([-1] + [0] * 5 + [1] * 3 + [2] * 2)  # -1 pad, 0 context, 1.. segments
-    allowed = torch.ones(11, 11, dtype=torch.bool).tril() & (segment != -1)[None, :] & (
+    segment = torch.tensor([-1] + [0] * 5 + [1] * 3 + [2] * 2 + [3])  # -1 pad, 0 context, 1.. segments
+    allowed = torch.ones(12, 12, dtype=torch.bool).tril() & (segment != -1)[None, :] & (
         (segment == 0)[None, :] | (segment[:, None] == segment[None, :]))
+    allowed[11, 5] = False  # the copy does not see the original
     return {
         "right": {"input_ids": right, "attention_mask": right_mask},
         "left": {"input_ids": left, "attention_mask": left_mask,
                  "position_ids": (left_mask.cumsum(1) - 1).clamp(min=0)},
         "left_mask_only": {"input_ids": left, "attention_mask": left_mask},
-        "packed": {"input_ids": probe_ids(batch=1, seq=11, seed=10),
-                   "attention_mask": (allowed | torch.eye(11, dtype=torch.bool))[None, None],
-                   "position_ids": torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6, 7, 5, 6]])},
+        "packed": {"input_ids": probe_ids(batch=1, seq=12, seed=10),
+                   "attention_mask": (allowed | torch.eye(12, dtype=torch.bool))[None, None],
+                   "position_ids": torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6, 7, 5, 6, 4]])},
     }
 
 
@@ -201,7 +203,7 @@ def padded_roundtrip(roundtrip):
 @pytest.mark.parametrize("kind", ["right", "left", "left_mask_only", "packed"])
 def test_reloaded_module_equals_the_hooked_base_under_padding_and_packing(padded_roundtrip, name, kind):
     mask = padded_roundtrip["forwards"][kind]["attention_mask"]
-    real = mask.bool() if mask.dim() == 2 else torch.tensor([[False] + [True] * 10])
+    real = mask.bool() if mask.dim() == 2 else torch.tensor([[False] + [True] * (mask.shape[-1] - 1)])
     want, got = padded_roundtrip["expected"][name][kind], padded_roundtrip["got"][name][kind]
     assert (got[real] - want[real]).abs().max() <= 1e-5
 
