@@ -481,8 +481,11 @@ def main() -> None:
 
     def not_done(model: str, method: str, label: str) -> None:
         kept = carried_rows(previous, model, method, label)
-        results.append({"model": model, "method": method, "carried": kept}) if kept else pending.append((model,
-                                                                                                         label))
+        if kept:
+            results.append({"model": model, "method": method, "carried": kept})
+        else:
+            pending.append((model, label))
+
     if opts.recipes:
         for source in opts.recipes:
             if not source.is_file():
@@ -492,14 +495,20 @@ def main() -> None:
                 continue
             name, model, method, label = given_identity(source)
             done = finished(opts.work / name, model, method, as_given=label.endswith(", as given)"))
-            results.append({**done, "label": label}) if done else not_done(model, method, label)
+            if done:
+                results.append({**done, "label": label})
+            else:
+                not_done(model, method, label)
     for model in [] if opts.recipes else opts.models.split(","):
         for method in opts.methods.split(","):
             if not opts.only_render:
                 results.append(one(model, method, ROOT / METHODS[method][0], opts.work, opts))
                 continue
             done = finished(opts.work / f"{model}-{method}", model, method, as_given=False)
-            results.append(done) if done else not_done(model, method, METHODS[method][1])
+            if done:
+                results.append(done)
+            else:
+                not_done(model, method, METHODS[method][1])
     table = render(results, pending, command)
     print(table)
     if opts.write:

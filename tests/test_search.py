@@ -213,3 +213,19 @@ def test_trials_and_front_mark_a_control_that_is_not_kl_matched():
     assert "advantage over the random control, not KL-matched, +0.300" in header
     header = search_mod.chosen_recipe(lr, matched, "k", lr.path.parent).splitlines()[1]
     assert "advantage over the KL-matched random control +0.200" in header
+
+
+def test_the_study_key_names_a_data_directory_however_it_is_spelt(tmp_path, tiny_checkpoint, shared_data,
+                                                                  monkeypatch):
+    """A resumed search found no study when ``$BAKEEDIT_DATA_DIR`` was spelt differently (``/work/main/../shared/data``
+    against ``/work/shared/data``) and started again from trial 0."""
+    recipe = load_recipe(search_recipe(tmp_path, tiny_checkpoint("llama"), shared_data))
+    monkeypatch.chdir(shared_data.parent)
+    detour = shared_data.resolve().parent / ".." / shared_data.resolve().parent.name / shared_data.name
+    keys = {search_mod.study_key(recipe, 5, spelt) for spelt in
+            (shared_data.resolve(), str(detour), Path(shared_data.name))}
+    assert len(keys) == 1
+    other = tmp_path / "other-data"
+    other.mkdir()
+    assert search_mod.study_key(recipe, 5, other) not in keys
+    assert search_mod.study_key(recipe, 6, shared_data) not in keys

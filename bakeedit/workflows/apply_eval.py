@@ -27,7 +27,7 @@ from bakeedit.locate.random import random_like
 from bakeedit.models.load import LoadedModel
 from bakeedit.neurons import NeuronSet
 from bakeedit.recipe import EditSpec, EvaluateSpec
-from bakeedit.workflows.matched_control import MatchedControl, match_control
+from bakeedit.workflows.matched_control import REL_TOL, MatchedControl, match_control
 
 CONTROL_NEURONS_FILE = "neurons-random.json"
 Bars = Callable[[str, int, int], None]
@@ -57,8 +57,9 @@ def control_matching(matched: MatchedControl) -> str:
     """How the control's strength was set, for the report's description of it (the truth, also when unmatched)."""
     kls = f"KL {matched.kl_control:.3g} vs the edit's {matched.kl_edit:.3g} nats/token"
     if not matched.scalable:
-        return (f"the edit's own nonlinear parameters (no lambda to scale, so the control is "
-                f"{'' if matched.matched else 'not '}KL-matched: {kls})")
+        within = (f"within {REL_TOL:.0%} of the edit's KL by chance, not by matching" if matched.matched
+                  else "not KL-matched")
+        return f"the edit's own nonlinear parameters (no lambda to scale, so the control is {within}: {kls})"
     return (f"lambdas scaled by t = {matched.scale:.3g} so that the control disturbs the model as much as the edit "
             f"({kls}{'' if matched.matched else ', the closest reachable: not KL-matched'}; with the edit's own "
             f"lambdas: {matched.kl_same_lambda:.3g})")

@@ -208,12 +208,14 @@ def with_values(lr: LoadedRecipe, values: Mapping[str, Any]) -> tuple[LocateSpec
 # ------------------------------------------------------------------------------------------- the study
 
 
-def study_key(lr: LoadedRecipe, limit: int | None, data_dir: str | None) -> str:
+def study_key(lr: LoadedRecipe, limit: int | None, data_dir: str | Path | None) -> str:
     """What a trial's numbers depend on: the recipe as data (without ``search.trials``, which only says how many
-    to run) and the options that override it."""
+    to run) and the options that override it. A data directory counts as the folder it names, not as it is spelt:
+    ``$BAKEEDIT_DATA_DIR=../shared/data`` and its absolute path continue the same study (before, they started two)."""
     raw = yaml.safe_load(lr.text)
     raw.get("search", {}).pop("trials", None)
-    return cache_key({"recipe": raw, "limit": limit, "data_dir": data_dir, "split": SPLIT, "format": FORMAT_VERSION})
+    where = Path(data_dir).resolve() if data_dir is not None and Path(data_dir).is_dir() else data_dir
+    return cache_key({"recipe": raw, "limit": limit, "data_dir": where, "split": SPLIT, "format": FORMAT_VERSION})
 
 
 def default_storage(lr: LoadedRecipe, key: str) -> Path:

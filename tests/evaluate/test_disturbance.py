@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -118,6 +120,11 @@ def test_a_nonlinear_control_is_reported_as_not_scalable(llama):
     assert not matched.scalable and matched.scale == 1.0 and matched.plan == control_plan
     assert matched.matched == (abs(matched.kl_control - matched.kl_edit) <= 0.05 * matched.kl_edit)
     assert "not KL-matched" in control_matching(matched) or matched.matched
+    # a nonlinear control that lands within the tolerance says it did so by chance, never that it was matched
+    for close in (True, False):
+        text = control_matching(dataclasses.replace(matched, matched=close))
+        assert ("by chance" in text) == close and ("not KL-matched" in text) != close
+        assert "so the control is KL-matched" not in text
 
 
 def test_scaled_plan_moves_position_scoped_lambdas_and_keeps_nonlinear_maps(llama):
