@@ -71,6 +71,7 @@ class FitReport(BaseModel):
     points: list[FitPoint]
     seconds: float
     data: dict[str, Any] = {}
+    cached: bool = False  # read from bakeedit's cache (workflows/fit_cache.py); ``seconds`` are the original fit's
 
 
 def grid_points(grid: Mapping[str, Sequence[float]]) -> list[dict[str, float]]:

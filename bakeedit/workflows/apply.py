@@ -28,7 +28,7 @@ import torch
 
 from bakeedit import parallel
 from bakeedit.edit import EditPlan, build_plan, fold_plan, runtime_edit
-from bakeedit.edit.fit import FitReport, fit_edit
+from bakeedit.edit.fit import FitReport
 from bakeedit.errors import BakeeditError, EditError, ModelLoadError, RecipeError, VerificationError
 from bakeedit.evaluate.runner import expand_tasks
 from bakeedit.export.card import write_card
@@ -63,6 +63,7 @@ from bakeedit.io.shards import Checkpoint
 from bakeedit.io.staging import staged_output
 from bakeedit.models.arch import ModelLayout
 from bakeedit.models.custom import is_custom_module
+from bakeedit.models.embedded import cache_root
 from bakeedit.models.load import LoadedModel, load_model, resolve_source, stored_dtype
 from bakeedit.recipe import EvaluateSpec, LoadedRecipe
 from bakeedit.workflows.apply_eval import evaluate_before_fold, evaluate_edited, merge_runs, write_evaluation
@@ -88,6 +89,7 @@ from bakeedit.workflows.export import (
     recorded_base_spec,
     write_exports,
 )
+from bakeedit.workflows.fit_cache import cached_fit_edit
 from bakeedit.workflows.outputs import protected_for_recipe
 
 
@@ -261,7 +263,8 @@ def apply_recipe(
     if edit.fit is not None:
         with timed(timings, "fit edit parameters", report):
             edit, fit = parallel.from_main(  # torchrun: rank 0 fits, every rank evaluates its choice
-                fit_edit(edit, neuron_set.neurons, loaded, lr.resolve(edit.fit.data) if edit.fit.data else None)
+                cached_fit_edit(edit, neuron_set.neurons, loaded,
+                                lr.resolve(edit.fit.data) if edit.fit.data else None, cache_root() / "fit")
                 if parallel.is_main() else None)
     plan: EditPlan = build_plan(neuron_set.neurons, edit, loaded.layout, source="neurons")
     if plan.n_neurons == 0:

@@ -39,7 +39,6 @@ import yaml
 
 from bakeedit import __version__
 from bakeedit.edit import EditPlan, build_plan
-from bakeedit.edit.fit import fit_edit
 from bakeedit.errors import RecipeError
 from bakeedit.evaluate.compare import ideal_of
 from bakeedit.evaluate.disturbance import Disturbance
@@ -56,6 +55,7 @@ from bakeedit.neurons import NeuronSet
 from bakeedit.recipe import EditSpec, LoadedRecipe, LocateSpec, SearchParam, SearchSpec
 from bakeedit.workflows.apply_eval import control_set
 from bakeedit.workflows.apply_steps import resolve_neurons
+from bakeedit.workflows.fit_cache import cached_fit_edit
 from bakeedit.workflows.matched_control import match_control
 from bakeedit.workflows.outputs import protected_for_recipe
 
@@ -332,7 +332,7 @@ class _Trials:
         neuron_set = self.neurons(locate)
         if edit.fit is not None:  # as apply does: the map's parameters fitted on the locate split, per trial
             data = self.lr.resolve(edit.fit.data) if edit.fit.data else None
-            edit, _ = fit_edit(edit, neuron_set.neurons, self.loaded, data)
+            edit, _ = cached_fit_edit(edit, neuron_set.neurons, self.loaded, data, cache_root() / "fit")
         return neuron_set, build_plan(neuron_set.neurons, edit, self.loaded.layout), edit
 
     def __call__(self, trial: Any) -> tuple[float, float]:
