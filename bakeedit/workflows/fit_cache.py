@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bakeedit.data import package_data_path
+from bakeedit.data.contrast import CONTRAST_FILE
 from bakeedit.edit.fit import FitReport, fit_edit, with_params
 from bakeedit.io.hashing import file_sha256
 from bakeedit.locate.cache import cache_key
@@ -31,7 +32,6 @@ from bakeedit.recipe import EditSpec
 log = logging.getLogger(__name__)
 #: Bumped when the fit's objective or grid walk changes what it would choose.
 FIT_CACHE_VERSION = 1
-CONTRAST_FILE = "contrast_prompts.jsonl"
 
 
 def fit_parts(edit: EditSpec, neurons: list[Neuron], loaded: LoadedModel, data: Path | None) -> dict[str, Any]:
